@@ -1,0 +1,132 @@
+"""NIfTI and file I/O with one axis convention and atomic writes.
+
+Axis convention used everywhere in kitsnet: arrays are in **nibabel order** as KiTS21 stores
+them, i.e. ``np.asanyarray(nib.load(p).dataobj)`` with shape ``(slices, rows, cols)``, and the
+spacing is ``header.get_zooms()[:3]`` in that same order (slice thickness first).  Keeping array
+and spacing in one order is the only thing that matters for resampling and surface distances;
+SimpleITK reverses both, so we never mix readers inside one computation.
+
+Every writer goes through :func:`atomic_path`: the file is written under a temporary name in the
+destination folder and renamed into place, so a killed job never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "Volume",
+    "KitsnetError",
+    "atomic_path",
+    "load_volume",
+    "save_volume",
+    "save_json",
+    "load_json",
+    "save_npz",
+]
+
+
+class KitsnetError(RuntimeError):
+    """An error meant for a person: the message names the case, the file and the problem."""
+
+
+@dataclass
+class Volume:
+    """A 3D array with its voxel spacing (mm) and the affine/header it was read with."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The suffix is kept (``.nii.gz``, ``.npz``...) so libraries that choose a format from the
+    file name still do the right thing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def load_volume(path: str | os.PathLike[str], case: str | None = None) -> Volume:
+    """Read a 3D NIfTI, raising :class:`KitsnetError` naming the case and file on failure."""
+    path = Path(path)
+    who = f"{case}: " if case else ""
+    if not path.is_file():
+        raise KitsnetError(f"{who}{path}: file is missing")
+    try:
+        img = nib.load(str(path))
+        array = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for truncated/corrupt files
+        raise KitsnetError(f"{who}{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
+    if array.ndim != 3:
+        raise KitsnetError(f"{who}{path}: expected a 3D image, got shape {array.shape}")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return Volume(array=array, spacing=zooms, affine=img.affine.copy(), header=img.header.copy())
+
+
+def save_volume(
+    array: np.ndarray,
+    path: str | os.PathLike[str],
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> None:
+    """Write ``array`` as NIfTI with the given geometry, atomically.
+
+    When ``header`` is given (the input image's), its geometry (sform/qform codes, zooms) is
+    kept so predictions carry exactly the input's affine and header geometry.
+    """
+    hdr = header.copy() if header is not None else nib.Nifti1Header()
+    hdr.set_data_dtype(array.dtype)
+    img = nib.Nifti1Image(array, affine, header=hdr)
+    if header is not None:
+        img.set_sform(affine, code=int(header["sform_code"]))
+        img.set_qform(affine, code=int(header["qform_code"]))
+    else:
+        img.set_sform(affine, code=2)
+        img.set_qform(affine, code=0)
+    if spacing is not None:
+        img.header.set_zooms(tuple(float(s) for s in spacing))
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def save_json(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Write JSON atomically, sorted and indented so reruns diff cleanly."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: str | os.PathLike[str]) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+    """Write a compressed ``.npz`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
