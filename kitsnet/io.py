@@ -65,6 +65,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -130,3 +134,28 @@ def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
+
+
+@contextlib.contextmanager
+def log_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Send everything a step prints (and its traceback, on failure) to ``path``.
+
+    The workflow gives every rule a ``log:`` file; this is how the adapters honour it.
+    """
+    if path is None:
+        yield
+        return
+    import sys
+    import traceback
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        try:
+            yield
+        except Exception:
+            traceback.print_exc(file=fh)
+            fh.flush()
+            # also tell the console, so a failing job's reason is visible without the log
+            print(f"see {path}: {traceback.format_exc().strip().splitlines()[-1]}",
+                  file=sys.__stderr__)
+            raise

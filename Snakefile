@@ -1,0 +1,28 @@
+# Coarse-to-fine 3D U-Net on KiTS21: 2d, 3d_lowres, 3d_fullres and the cascade, 5-fold CV,
+# collated into results/table1.csv and the paper's figures.  The demo default (synthetic data)
+# runs on a laptop CPU:  snakemake --cores 2
+# The paper's settings:   snakemake --configfile config/kits21.yaml --config data_root=DIR
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/plan.smk"
+include: "rules/preprocess.smk"
+include: "rules/train.smk"
+include: "rules/predict.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        "results/table1.csv",
+        "results/table1.md",
+        "results/scores_per_case.csv",
+        "results/figures/fig1_reference.png",
+        "results/figures/fig2_predictions.png",
+        "results/figures/training_curves.png",
+    default_target: True

@@ -1,0 +1,320 @@
+"""Training loop: patch sampling with foreground oversampling, CE + Dice with deep supervision,
+SGD with a poly schedule, per-epoch logging, checkpoints and resume.
+
+Every number comes from the plan (patch, batch, network) or the ``training`` / ``augmentation``
+sections of the config.  A job restarted after a kill resumes from ``checkpoint_latest.pt``
+(model, optimiser, RNG states and the logged history), so the epoch count and the history have
+no gap and no repeat.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import augment_batch
+from .io import KitsnetError, atomic_path, load_json
+from .network import build_network
+
+LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "pseudo_dice", "ema_pseudo_dice", "lr",
+               "epoch_time_s"]
+
+
+# ----------------------------------------------------------------------------- data
+class CaseStore:
+    """Memory-mapped preprocessed cases (+ optional previous-stage segmentations)."""
+
+    def __init__(self, cases: list[str], data_dir: Path, prev_dirs: list[Path] | None = None):
+        self.cases = list(cases)
+        self.image = {c: np.load(data_dir / f"{c}_image.npy", mmap_mode="r") for c in cases}
+        self.seg = {c: np.load(data_dir / f"{c}_seg.npy", mmap_mode="r") for c in cases}
+        self.locs = {c: {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
+                         for k, v in load_json(data_dir / f"{c}.json")["class_locations"].items()}
+                     for c in cases}
+        self.prev = None
+        if prev_dirs:
+            self.prev = {c: np.load(find_previous_stage(c, prev_dirs), mmap_mode="r")
+                         for c in cases}
+
+
+def find_previous_stage(case: str, prev_dirs: list[str | Path]) -> Path:
+    """The previous stage's segmentation of ``case``: exactly one fold predicted it."""
+    hits = [Path(d) / f"{case}.npy" for d in prev_dirs if (Path(d) / f"{case}.npy").is_file()]
+    if len(hits) != 1:
+        raise KitsnetError(f"{case}: expected one previous-stage segmentation in {prev_dirs}, "
+                           f"found {len(hits)}")
+    return hits[0]
+
+
+def _crop(arr: np.ndarray, lb: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
+    """Crop ``arr[..., lb:lb+size]`` over the trailing len(size) axes, padding with ``fill``."""
+    lead = arr.shape[: arr.ndim - len(size)]
+    spatial = arr.shape[arr.ndim - len(size):]
+    out = np.full((*lead, *size), fill, dtype=arr.dtype)
+    src, dst = [], []
+    for lo, sz, full in zip(lb, size, spatial, strict=True):
+        a, b = max(lo, 0), min(lo + sz, full)
+        src.append(slice(a, max(a, b)))
+        dst.append(slice(a - lo, a - lo + max(0, b - a)))
+    out[(..., *dst)] = arr[(..., *src)]
+    return out
+
+
+class PatchSampler:
+    """Samples (image, seg) patches like nnU-Net: the last third of a batch forced to foreground.
+
+    For 2D plans a random slice along axis 0 is taken and the patch is 2D in-plane.
+    """
+
+    def __init__(self, store: CaseStore, patch_in: list[int], dim: int, oversample: float,
+                 rng: np.random.Generator):
+        self.store, self.patch_in, self.dim = store, list(patch_in), dim
+        self.oversample, self.rng = oversample, rng
+
+    def _box(self, case: str, force_fg: bool) -> tuple[np.ndarray, tuple[int, ...]]:
+        shape = np.array(self.store.seg[case].shape)
+        size = np.array([1, *self.patch_in] if self.dim == 2 else self.patch_in)
+        locs = {k: v for k, v in self.store.locs[case].items() if len(v)}
+        if force_fg and locs:
+            cls = sorted(locs)[self.rng.integers(len(locs))]
+            centre = locs[cls][self.rng.integers(len(locs[cls]))]
+            lb = centre - size // 2
+        else:
+            hi = np.maximum(shape - size, 0)
+            lo = np.minimum(shape - size, 0) // 2
+            lb = np.array([self.rng.integers(l, h + 1) for l, h in zip(lo, hi, strict=True)])
+        return lb, tuple(int(s) for s in size)
+
+    def sample(self, batch_size: int, n_prev: int) -> tuple[np.ndarray, np.ndarray]:
+        images, segs = [], []
+        n_forced_from = round(batch_size * (1 - self.oversample))
+        for i in range(batch_size):
+            case = self.store.cases[self.rng.integers(len(self.store.cases))]
+            lb, size = self._box(case, force_fg=i >= n_forced_from)
+            img = _crop(self.store.image[case], lb, size, 0.0)
+            seg = _crop(self.store.seg[case], lb, size, 0)[None]
+            if self.store.prev is not None:
+                prev = _crop(self.store.prev[case], lb, size, 0)
+                onehot = np.stack([prev == k for k in range(1, n_prev + 1)]).astype(np.float32)
+                img = np.concatenate([img, onehot])
+            if self.dim == 2:
+                img, seg = img[:, 0], seg[:, 0]
+            images.append(img)
+            segs.append(seg)
+        return np.stack(images).astype(np.float32), np.stack(segs).astype(np.int64)
+
+
+def initial_patch_size(patch: list[int], aug: dict) -> list[int]:
+    """Sample a larger region when spatial augmentation is on so rotated/scaled patches have no
+    empty corners; the augmentation centre-crops back to ``patch``."""
+    rot = aug.get("rotation_p", 0) > 0
+    scale = aug.get("scale_p", 0) > 0
+    if not (rot or scale):
+        return list(patch)
+    deg = float(aug.get("rotation_deg", 30.0)) if rot else 0.0
+    factor = abs(math.cos(math.radians(deg))) + abs(math.sin(math.radians(deg)))
+    factor /= min(aug.get("scale_range", [0.85, 1.25])[0], 1.0) if scale else 1.0
+    factor = min(factor, float(aug.get("max_patch_growth", 1.5)))
+    return [int(math.ceil(p * factor)) for p in patch]
+
+
+# ----------------------------------------------------------------------------- loss
+def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool,
+              smooth: float = 1e-5) -> torch.Tensor:
+    """Soft Dice per foreground class (background excluded), nnU-Net's formula."""
+    axes = [0, *range(2, probs.ndim)] if batch_dice else list(range(2, probs.ndim))
+    tp = (probs * onehot).sum(axes)
+    fp = (probs * (1 - onehot)).sum(axes)
+    fn = ((1 - probs) * onehot).sum(axes)
+    dc = (2 * tp + smooth) / torch.clamp(2 * tp + fp + fn + smooth, min=1e-8)
+    return dc[..., 1:].mean()
+
+
+def dc_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool) -> torch.Tensor:
+    """Cross-entropy + (1 - soft Dice), as nnU-Net's DC_and_CE_loss (which adds -Dice)."""
+    ce = F.cross_entropy(logits, target[:, 0])
+    probs = torch.softmax(logits.float(), 1)
+    onehot = F.one_hot(target[:, 0], logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    return ce - soft_dice(probs, onehot, batch_dice)
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """1/2^i per output, lowest resolution weighted 0, normalised to sum 1."""
+    w = np.array([1 / 2**i for i in range(n)])
+    if n > 1:
+        w[-1] = 0
+    return (w / w.sum()).tolist()
+
+
+def total_loss(outputs, target: torch.Tensor, weights: list[float], batch_dice: bool):
+    outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+    loss = 0.0
+    for w, out in zip(weights, outputs, strict=False):
+        if w == 0:
+            continue
+        t = target
+        if tuple(out.shape[2:]) != tuple(target.shape[2:]):
+            t = F.interpolate(target.float(), size=out.shape[2:], mode="nearest").long()
+        loss = loss + w * dc_ce_loss(out, t, batch_dice)
+    return loss
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _save_torch(obj: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint safely (weights_only); a truncated file raises KitsnetError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise KitsnetError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _write_log(history: list[dict], path: Path) -> None:
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- training
+def train_fold(plan: dict, splits: list[dict], fold: int, data_dir: str | Path,
+               out_dir: str | Path, training: dict, augmentation: dict,
+               prev_dirs: list[str | Path] | None = None, seed: int = 0, device: str = "auto",
+               log=print) -> dict:
+    """Train one configuration on one fold; writes model_final.pt, model_best.pt,
+    checkpoint_latest.pt and training_log.csv into ``out_dir``."""
+    out_dir, data_dir = Path(out_dir), Path(data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    split = splits[fold]
+    prev = [Path(d) for d in prev_dirs] if prev_dirs else None
+    train_store = CaseStore(split["train"], data_dir, prev)
+    val_store = CaseStore(split["val"], data_dir, prev)
+
+    torch.manual_seed(seed + fold)
+    rng = np.random.default_rng([seed, fold])
+    gen = torch.Generator().manual_seed(seed * 1000 + fold)
+    arch = plan["arch"]
+    net = build_network(arch, plan["in_channels"], plan["num_classes"]).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=training["initial_lr"],
+                          momentum=training["momentum"], nesterov=training["nesterov"],
+                          weight_decay=training["weight_decay"])
+    epochs = int(training["epochs"])
+    n_prev = plan["num_classes"] - 1 if plan.get("previous_stage") else 0
+    history: list[dict] = []
+    ema, best = None, -math.inf
+    ckpt_path = out_dir / "checkpoint_latest.pt"
+    if ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        history = json.loads(ck["history"])
+        ema, best = ck["ema"], ck["best"]
+        torch.set_rng_state(ck["torch_rng"])
+        gen.set_state(ck["gen_rng"])
+        rng.bit_generator.state = json.loads(ck["numpy_rng"])
+        log(f"resumed from {ckpt_path} after epoch {len(history)}")
+
+    patch = list(plan["patch_size"])
+    # max_patch_growth is the sampler's setting; the rest are the augmentation's own
+    aug = {k: v for k, v in augmentation.items() if k != "max_patch_growth"}
+    train_sampler = PatchSampler(train_store, initial_patch_size(patch, augmentation),
+                                 arch["dim"], training["oversample_foreground"], rng)
+    val_sampler = PatchSampler(val_store, patch, arch["dim"], training["oversample_foreground"],
+                               rng)
+    weights = deep_supervision_weights(len(arch["features_per_stage"]) - 1
+                                       if arch["deep_supervision"] else 1)
+    batch, batch_dice = int(plan["batch_size"]), bool(training.get("batch_dice", True))
+    use_amp = dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    def save_checkpoint() -> None:
+        _save_torch({"model": net.state_dict(), "optimizer": opt.state_dict(),
+                     "history": json.dumps(history), "ema": ema, "best": best,
+                     "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
+                     "numpy_rng": json.dumps(rng.bit_generator.state)}, ckpt_path)
+
+    def save_model(path: Path) -> None:
+        _save_torch({"state_dict": net.state_dict(), "plan": json.dumps(plan), "fold": fold,
+                     "epochs": len(history)}, path)
+
+    for epoch in range(len(history), epochs):
+        t0 = time.perf_counter()
+        lr = training["initial_lr"] * (1 - epoch / epochs) ** training["poly_exponent"]
+        for g in opt.param_groups:
+            g["lr"] = lr
+        net.train()
+        losses = []
+        for _ in range(int(training["iterations_per_epoch"])):
+            img, seg = train_sampler.sample(batch, n_prev)
+            img_t, seg_t = augment_batch(torch.from_numpy(img), torch.from_numpy(seg), patch,
+                                         aug, gen,
+                                         n_intensity_channels=img.shape[1] - n_prev)
+            img_t, seg_t = img_t.to(dev), seg_t.long().to(dev)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                out = net(img_t)
+            loss = total_loss(out, seg_t, weights, batch_dice)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), training["grad_clip"])
+            opt.step()
+            losses.append(float(loss.detach()))
+        val_loss, dice = _validate(net, val_sampler, batch, n_prev, int(
+            training["val_iterations"]), weights, batch_dice, dev, plan["num_classes"])
+        ema = dice if ema is None else training["ema_alpha"] * ema + (1 - training["ema_alpha"]) * dice
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                        "val_loss": val_loss, "pseudo_dice": dice, "ema_pseudo_dice": ema,
+                        "lr": lr, "epoch_time_s": time.perf_counter() - t0})
+        log(f"epoch {epoch}: train {np.mean(losses):.4f} val {val_loss:.4f} "
+            f"dice {dice:.4f} ema {ema:.4f} ({history[-1]['epoch_time_s']:.1f}s)")
+        if ema > best:
+            best = ema
+            save_model(out_dir / "model_best.pt")
+        _write_log(history, out_dir / "training_log.csv")
+        if (epoch + 1) % int(training["checkpoint_every"]) == 0 or epoch + 1 == epochs:
+            save_checkpoint()
+    save_model(out_dir / "model_final.pt")
+    return {"epochs": len(history), "best_ema_pseudo_dice": best}
+
+
+@torch.no_grad()
+def _validate(net, sampler, batch, n_prev, iterations, weights, batch_dice, dev, n_classes):
+    """Validation loss and nnU-Net's pseudo-Dice (per-class TP/FP/FN summed over patches)."""
+    net.eval()
+    tp = np.zeros(n_classes - 1)
+    fp, fn, losses = tp.copy(), tp.copy(), []
+    for _ in range(iterations):
+        img, seg = sampler.sample(batch, n_prev)
+        x, y = torch.from_numpy(img).to(dev), torch.from_numpy(seg).to(dev)
+        out = net(x)
+        losses.append(float(total_loss(out, y, weights, batch_dice)))
+        pred = (out[0] if isinstance(out, list | tuple) else out).argmax(1)
+        for k in range(1, n_classes):
+            p, t = pred == k, y[:, 0] == k
+            tp[k - 1] += float((p & t).sum())
+            fp[k - 1] += float((p & ~t).sum())
+            fn[k - 1] += float((~p & t).sum())
+    denom = 2 * tp + fp + fn
+    dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+    return float(np.mean(losses)), float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0

@@ -1,0 +1,38 @@
+if SYNTHETIC:
+
+    rule synth:
+        """Generate the synthetic KiTS-like demo dataset in KiTS21's layout."""
+        output:
+            images=image_files(),
+            labels=label_files(),
+        params:
+            out=DATA_ROOT,
+            cases=int(SYNTHETIC["cases"]),
+            seed=int(SYNTHETIC["seed"]),
+        log:
+            "results/logs/synth/synth.log",
+        benchmark:
+            "results/benchmarks/synth/synth.tsv"
+        conda:
+            "../envs/kitsnet.yaml"
+        script:
+            "../workflow_scripts/synth.py"
+
+
+rule validate_dataset:
+    """Check every case up front and report all problems at once."""
+    input:
+        images=image_files(),
+        labels=label_files(),
+    output:
+        "results/dataset/validated.json",
+    params:
+        root=DATA_ROOT,
+        cases=CASES,
+        folds=len(FOLDS),
+    log:
+        "results/logs/validate_dataset/validate_dataset.log",
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/validate.py"

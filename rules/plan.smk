@@ -1,0 +1,54 @@
+rule fingerprint:
+    """Spacings, shapes and foreground intensity statistics of the validated dataset."""
+    input:
+        validated="results/dataset/validated.json",
+        images=image_files(),
+        labels=label_files(),
+    output:
+        "results/dataset/fingerprint.json",
+    params:
+        root=DATA_ROOT,
+        cases=CASES,
+    log:
+        "results/logs/fingerprint/fingerprint.log",
+    benchmark:
+        "results/benchmarks/fingerprint/fingerprint.tsv"
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/fingerprint.py"
+
+
+rule plan:
+    """One plan per configuration: spacing, patch, batch, network, normalisation."""
+    input:
+        "results/dataset/fingerprint.json",
+    output:
+        "results/plans/{config}.json",
+    params:
+        cfg=lambda w: {"plan": config["plan"]},
+    log:
+        "results/logs/plan/{config}.log",
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/plan.py"
+
+
+rule splits:
+    """Cross-validation folds over sorted case ids (an existing splits file is honoured)."""
+    input:
+        "results/dataset/validated.json",
+    output:
+        "results/dataset/splits.json",
+    params:
+        cases=CASES,
+        folds=len(FOLDS),
+        seed=int(config["seed"]),
+        splits_file=config.get("splits_file"),
+    log:
+        "results/logs/splits/splits.log",
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/splits.py"

@@ -1,0 +1,20 @@
+rule preprocess:
+    """Normalise and resample one case to a plan's grid (fullres or lowres)."""
+    input:
+        plan="results/plans/{data}.json",
+        image=f"{DATA_ROOT}/{{case}}/imaging.nii.gz",
+        label=f"{DATA_ROOT}/{{case}}/aggregated_MAJ_seg.nii.gz",
+    output:
+        image="results/preprocessed/{data}/{case}_image.npy",
+        seg="results/preprocessed/{data}/{case}_seg.npy",
+        props="results/preprocessed/{data}/{case}.json",
+    params:
+        root=DATA_ROOT,
+    log:
+        "results/logs/preprocess/{data}_{case}.log",
+    benchmark:
+        "results/benchmarks/preprocess/{data}_{case}.tsv"
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/preprocess.py"

@@ -1,0 +1,55 @@
+rule table1:
+    """Table 1: mean over all out-of-fold cases per configuration, beside the paper's values."""
+    input:
+        expand("results/scores/{config}/fold_{fold}.csv", config=CONFIGS, fold=FOLDS),
+    output:
+        csv=report(
+            "results/table1.csv", caption="report/table1.rst", category="Table 1"
+        ),
+        md="results/table1.md",
+        per_case=report(
+            "results/scores_per_case.csv",
+            caption="report/scores_per_case.rst",
+            category="Table 1",
+        ),
+    params:
+        configs=CONFIGS,
+        folds=FOLDS,
+    log:
+        "results/logs/table1/table1.log",
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/table1.py"
+
+
+rule figures:
+    """Figure 1 (reference labels) and Figure 2 (each configuration's predictions)."""
+    input:
+        splits="results/dataset/splits.json",
+        images=image_files(),
+        labels=label_files(),
+        predictions=expand(
+            "results/predictions/{config}/fold_{fold}", config=CONFIGS, fold=FOLDS
+        ),
+    output:
+        fig1=report(
+            "results/figures/fig1_reference.png",
+            caption="report/fig1.rst",
+            category="Figures",
+        ),
+        fig2=report(
+            "results/figures/fig2_predictions.png",
+            caption="report/fig2.rst",
+            category="Figures",
+        ),
+    params:
+        root=DATA_ROOT,
+        configs=CONFIGS,
+        n_cases=config.get("report", {}).get("figure_cases", 3),
+    log:
+        "results/logs/figures/figures.log",
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/figures.py"

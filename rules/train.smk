@@ -1,0 +1,57 @@
+rule train:
+    """Train one configuration on one fold (resumes from its checkpoint when restarted)."""
+    input:
+        unpack(training_inputs),
+    output:
+        model="results/models/{config}/fold_{fold}/model_final.pt",
+        best="results/models/{config}/fold_{fold}/model_best.pt",
+        log_csv="results/models/{config}/fold_{fold}/training_log.csv",
+        progress=report(
+            "results/models/{config}/fold_{fold}/progress.png",
+            caption="report/progress.rst",
+            category="Training",
+            subcategory="{config}",
+            labels={"configuration": "{config}", "fold": "{fold}"},
+        ),
+    params:
+        training=config["training"],
+        augmentation=config["augmentation"],
+        seed=int(config["seed"]),
+    log:
+        "results/logs/train/{config}_fold{fold}.log",
+    benchmark:
+        "results/benchmarks/train/{config}_fold{fold}.tsv"
+    threads: threads_for_training()
+    resources:
+        gpu=lambda w: job_resources("train", "gpu", 1),
+        mem_mb=lambda w: job_resources("train", "mem_mb", 8000),
+        runtime=lambda w: job_resources("train", "runtime", 60),
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/train.py"
+
+
+rule training_curves:
+    """All folds' loss and pseudo-Dice curves, one panel per configuration."""
+    input:
+        expand(
+            "results/models/{config}/fold_{fold}/training_log.csv",
+            config=CONFIGS,
+            fold=FOLDS,
+        ),
+    output:
+        report(
+            "results/figures/training_curves.png",
+            caption="report/training_curves.rst",
+            category="Figures",
+        ),
+    params:
+        configs=CONFIGS,
+        folds=FOLDS,
+    log:
+        "results/logs/training_curves/training_curves.log",
+    conda:
+        "../envs/kitsnet.yaml"
+    script:
+        "../workflow_scripts/training_curves.py"

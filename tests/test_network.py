@@ -1,0 +1,148 @@
+"""Shape, configuration and training-step checks for kitsnet.network (CPU, tiny configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kitsnet.network import PlainConvUNet, build_network, features_per_stage
+
+
+def _arch(dim: int, features: list[int], strides: list[list[int]], **extra) -> dict:
+    return {
+        "dim": dim,
+        "features_per_stage": features,
+        "strides": strides,
+        "kernel_sizes": [[3] * dim] * len(features),
+        "n_conv_per_stage": 2,
+        "n_conv_per_stage_decoder": 2,
+        "deep_supervision": True,
+        **extra,
+    }
+
+
+ARCH_3D = _arch(3, [4, 8, 16], [[1, 1, 1], [2, 2, 2], [1, 2, 2]])
+ARCH_2D = _arch(2, [4, 8, 16, 16], [[1, 1], [2, 2], [2, 2], [2, 2]])
+
+
+def test_features_per_stage_rule() -> None:
+    assert features_per_stage(30, 320, 5) == [30, 60, 120, 240, 320]
+    # 2D KiTS plan: 512x512 patch, 7 stages, base 32 capped at 512 by nnU-Net's default.
+    assert features_per_stage(32, 512, 7) == [32, 64, 128, 256, 512, 512, 512]
+    assert features_per_stage(32, 480, 7) == [32, 64, 128, 256, 480, 480, 480]
+    with pytest.raises(ValueError):
+        features_per_stage(0, 320, 5)
+
+
+def test_3d_deep_supervision_shapes() -> None:
+    model = build_network(ARCH_3D, in_channels=1, num_classes=4)
+    out = model(torch.randn(2, 1, 8, 16, 16))
+    assert isinstance(out, list) and len(out) == 2
+    assert out[0].shape == (2, 4, 8, 16, 16)
+    assert out[1].shape == (2, 4, 4, 8, 8)
+    assert model.output_strides() == [(1, 1, 1), (2, 2, 2)]
+
+
+def test_3d_anisotropic_stride_and_no_deep_supervision() -> None:
+    model = build_network(ARCH_3D, in_channels=4, num_classes=4)
+    model.deep_supervision = False
+    out = model(torch.randn(1, 4, 8, 16, 16))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 4, 8, 16, 16)
+    model.deep_supervision = True
+    assert len(model(torch.randn(1, 4, 8, 16, 16))) == 2
+
+
+def test_2d_shapes() -> None:
+    model = build_network(ARCH_2D, in_channels=1, num_classes=3)
+    out = model(torch.randn(2, 1, 32, 32))
+    assert [tuple(o.shape) for o in out] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]
+    model.deep_supervision = False
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_deep_supervision_flag_from_arch() -> None:
+    model = build_network({**ARCH_2D, "deep_supervision": False}, 1, 2)
+    assert model.deep_supervision is False
+    assert isinstance(model(torch.randn(1, 1, 16, 16)), torch.Tensor)
+
+
+def test_all_seg_heads_built_and_per_stage_conv_counts() -> None:
+    arch = {**ARCH_3D, "n_conv_per_stage": [1, 2, 3], "n_conv_per_stage_decoder": [1, 1]}
+    model = build_network(arch, 1, 4)
+    assert len(model.decoder.seg_layers) == 2
+    assert [len(s[0].convs) for s in model.encoder.stages] == [1, 2, 3]
+    assert [len(s.convs) for s in model.decoder.stages] == [1, 1]
+
+
+def test_bad_arch_is_rejected() -> None:
+    with pytest.raises(ValueError, match="strides"):
+        build_network({**ARCH_3D, "strides": [[1, 1, 1], [2, 2, 2]]}, 1, 4)
+    with pytest.raises(ValueError, match="dim"):
+        build_network({**ARCH_3D, "dim": 4}, 1, 4)
+    with pytest.raises(ValueError, match="missing"):
+        build_network({"dim": 3}, 1, 4)
+
+
+def test_he_init_zero_biases() -> None:
+    model = build_network(ARCH_3D, 1, 4)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            assert torch.all(m.bias == 0)
+            assert m.weight.std() > 0
+        if isinstance(m, torch.nn.InstanceNorm3d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+
+def test_channels_last_matches_contiguous() -> None:
+    torch.manual_seed(0)
+    model = build_network(ARCH_3D, 1, 4).eval()
+    model.deep_supervision = False
+    x = torch.randn(2, 1, 8, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        model_cl = model.to(memory_format=torch.channels_last_3d)
+        out = model_cl(x.to(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_step_reduces_loss() -> None:
+    torch.manual_seed(0)
+    model: PlainConvUNet = build_network(ARCH_2D, 1, 2)
+    x = torch.randn(2, 1, 16, 16)
+    target = (x[:, 0] > 0).long()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = sum(
+            torch.nn.functional.cross_entropy(o, target[:, :: 2**i, :: 2**i])
+            for i, o in enumerate(model(x))
+        )
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # A deep-supervised loss reaches every parameter, every seg head included.
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    ("dim", "base", "cap", "n_stages", "in_channels", "expected"),
+    [
+        (3, 30, 320, 5, 1, 15_048_196),  # paper's 3D networks (low-res / full-res)
+        (3, 30, 320, 5, 4, 15_050_626),  # cascade: CT + 3 one-hot channels of the coarse stage
+        (2, 32, 512, 7, 1, 33_474_840),  # nnU-Net's 2D KiTS plan
+    ],
+)
+def test_parameter_count_pinned_to_nnunet(
+    dim: int, base: int, cap: int, n_stages: int, in_channels: int, expected: int
+) -> None:
+    """Counts verified equal to nnU-Net's PlainConvUNet (tests/test_network_nnunet.py)."""
+    arch = {
+        "dim": dim,
+        "features_per_stage": features_per_stage(base, cap, n_stages),
+        "strides": [[1] * dim] + [[2] * dim] * (n_stages - 1),
+        "kernel_sizes": [[3] * dim] * n_stages,
+    }
+    model = build_network(arch, in_channels, 4)
+    assert sum(p.numel() for p in model.parameters()) == expected

@@ -1,0 +1,22 @@
+"""Adapter: rule evaluate -> kitsnet.evaluate (the fold's validation cases vs the reference)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
+
+from kitsnet.dataset import label_path
+from kitsnet.evaluate import evaluate_pairs, write_scores
+from kitsnet.io import KitsnetError, load_json, log_to
+
+with log_to(snakemake.log[0]):
+    fold = int(snakemake.wildcards.fold)
+    cases = load_json(snakemake.input.splits)[fold]["val"]
+    pred_dir = Path(snakemake.input.predictions)
+    missing = [c for c in cases if not (pred_dir / f"{c}.nii.gz").is_file()]
+    if missing:
+        raise KitsnetError(f"{pred_dir}: no prediction for validation case(s) {missing}")
+    pairs = [(c, pred_dir / f"{c}.nii.gz", label_path(snakemake.params.root, c)) for c in cases]
+    df = evaluate_pairs(pairs, jobs=int(snakemake.params.jobs))
+    write_scores(df, snakemake.output[0])
+    print(df.to_string())

@@ -1,0 +1,14 @@
+"""Adapter: rule fingerprint -> kitsnet.plan.fingerprint."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
+
+from kitsnet.io import log_to, save_json
+from kitsnet.plan import fingerprint
+
+with log_to(snakemake.log[0]):
+    fp = fingerprint(snakemake.params.root, list(snakemake.params.cases))
+    save_json(fp, snakemake.output[0])
+    print(fp["foreground_intensity"])

@@ -1,0 +1,15 @@
+"""Adapter: rule plan -> kitsnet.plan.make_plan."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
+
+from kitsnet.io import load_json, log_to, save_json
+from kitsnet.plan import make_plan
+
+with log_to(snakemake.log[0]):
+    plan = make_plan(snakemake.wildcards.config, load_json(snakemake.input[0]),
+                     snakemake.params.cfg)
+    save_json(plan, snakemake.output[0])
+    print(plan)

@@ -1,0 +1,16 @@
+"""Adapter: rule splits -> kitsnet.plan.make_splits (or an existing splits file)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
+
+from kitsnet.io import log_to, save_json
+from kitsnet.plan import load_or_make_splits
+
+with log_to(snakemake.log[0]):
+    p = snakemake.params
+    splits = load_or_make_splits(list(p.cases), int(p.folds), int(p.seed), p.splits_file)
+    save_json(splits, snakemake.output[0])
+    for k, s in enumerate(splits):
+        print(f"fold {k}: {len(s['train'])} train, {len(s['val'])} val")

@@ -1,0 +1,23 @@
+"""Adapter: rule train -> kitsnet.train.train_fold (+ its progress plot)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
+
+import torch
+
+from kitsnet.io import load_json, log_to
+from kitsnet.report import plot_progress
+from kitsnet.train import train_fold
+
+with log_to(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    plan = load_json(snakemake.input.plan)
+    out = Path(snakemake.output.model).parent
+    prev = list(snakemake.input.prev) if "prev" in snakemake.input.keys() else None
+    train_fold(plan, load_json(snakemake.input.splits), int(snakemake.wildcards.fold),
+               Path(snakemake.input.data[0]).parent, out, snakemake.params.training,
+               snakemake.params.augmentation, prev_dirs=prev, seed=snakemake.params.seed,
+               device=snakemake.params.training.get("device", "auto"))
+    plot_progress(Path(snakemake.output.log_csv), Path(snakemake.output.progress))

@@ -1,0 +1,15 @@
+"""Adapter: rule training_curves -> kitsnet.report.plot_training_curves."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
+
+from kitsnet.io import log_to
+from kitsnet.report import plot_training_curves
+
+with log_to(snakemake.log[0]):
+    p = snakemake.params
+    logs = {(c, f): Path(f"results/models/{c}/fold_{f}/training_log.csv")
+            for c in p.configs for f in p.folds}
+    plot_training_curves(logs, Path(snakemake.output[0]))

@@ -1,0 +1,15 @@
+"""Adapter: rule validate_dataset -> kitsnet.dataset.validate_dataset."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
+
+from kitsnet.dataset import validate_dataset
+from kitsnet.io import log_to, save_json
+
+with log_to(snakemake.log[0]):
+    p = snakemake.params
+    verdict = validate_dataset(p.root, list(p.cases), folds=int(p.folds))
+    save_json(verdict, snakemake.output[0])
+    print(f"{verdict['n_cases']} cases valid")
