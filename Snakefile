@@ -18,6 +18,7 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/table1.csv",
         "results/table1.md",
@@ -25,4 +26,3 @@ rule all:
         "results/figures/fig1_reference.png",
         "results/figures/fig2_predictions.png",
         "results/figures/training_curves.png",
-    default_target: True

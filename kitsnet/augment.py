@@ -79,12 +79,16 @@ def _rand(g: torch.Generator, *shape: int, device: torch.device) -> Tensor:
     return torch.rand(shape, generator=g, device=g.device).to(device)
 
 
-def _uniform(g: torch.Generator, lo_hi: Sequence[float], *shape: int, device) -> Tensor:
+def _uniform(
+    g: torch.Generator, lo_hi: Sequence[float], *shape: int, device: torch.device
+) -> Tensor:
     lo, hi = float(lo_hi[0]), float(lo_hi[1])
     return lo + (hi - lo) * _rand(g, *shape, device=device)
 
 
-def _bg_contrast(g: torch.Generator, lo_hi: Sequence[float], *shape: int, device) -> Tensor:
+def _bg_contrast(
+    g: torch.Generator, lo_hi: Sequence[float], *shape: int, device: torch.device
+) -> Tensor:
     """nnU-Net's ``BGContrast``: half the draws below 1, half above, so shrinking and growing
     are equally likely although the range is not symmetric around 1."""
     lo, hi = float(lo_hi[0]), float(lo_hi[1])

@@ -474,9 +474,7 @@ def _normalise_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def score_arrays(
-    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
-) -> dict[str, float]:
+def score_arrays(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
     """The six KiTS21 metrics of one case, fast; equal to :func:`reference_score_arrays`.
 
     ``pred`` and ``ref`` are label maps (0..3) on the same grid, ``spacing`` in their axis order.
@@ -491,7 +489,10 @@ def score_arrays(
             profiles.append(_label_profile(arr, axis))
         except ValueError as exc:
             raise KitsnetError(f"{who}: {exc}") from exc
-    return _score_validated(pred, ref, spacing_mm, axis, profiles[0], profiles[1])
+    try:
+        return _score_validated(pred, ref, spacing_mm, axis, profiles[0], profiles[1])
+    except ValueError as exc:  # non-integer float labels, found on the crop
+        raise KitsnetError(f"prediction/reference: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,7 +500,9 @@ def score_arrays(
 # --------------------------------------------------------------------------------------------
 
 
-def score_case(case: str, pred_path: str | os.PathLike[str], ref_path: str | os.PathLike[str]) -> dict:
+def score_case(
+    case: str, pred_path: str | os.PathLike[str], ref_path: str | os.PathLike[str]
+) -> dict:
     """Load one prediction/reference pair, check it, and return ``{"case": case, **metrics}``.
 
     Every problem (missing or unreadable file, shape or spacing mismatch, label outside 0-3)

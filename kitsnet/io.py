@@ -149,7 +149,7 @@ def log_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
     import traceback
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+    with open(path, "w", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         try:
             yield
         except Exception:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import image_path, label_path
 from .io import load_volume
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
@@ -23,7 +22,7 @@ DATA_OF = {"2d": "3d_fullres", "3d_fullres": "3d_fullres", "3d_lowres": "3d_lowr
 PREVIOUS_STAGE = {"3d_cascade_fullres": "3d_lowres"}
 
 
-def fingerprint(root: str | Path, cases: list[str], samples_per_case: int = 10000,
+def fingerprint(pairs: list[tuple[str, str | Path, str | Path]], samples_per_case: int = 10000,
                 seed: int = 1234) -> dict:
     """Spacings, shapes and foreground-intensity statistics of the dataset.
 
@@ -32,9 +31,9 @@ def fingerprint(root: str | Path, cases: list[str], samples_per_case: int = 1000
     """
     rng = np.random.default_rng(seed)
     spacings, shapes, samples = [], [], []
-    for case in cases:
-        img = load_volume(image_path(root, case), case)
-        lab = load_volume(label_path(root, case), case)
+    for case, image_file, label_file in pairs:
+        img = load_volume(image_file, case)
+        lab = load_volume(label_file, case)
         spacings.append(list(img.spacing))
         shapes.append(list(img.array.shape))
         fg = np.asarray(img.array)[np.asarray(lab.array) > 0].astype(np.float64)
@@ -43,7 +42,7 @@ def fingerprint(root: str | Path, cases: list[str], samples_per_case: int = 1000
             samples.append(rng.choice(fg, size=take, replace=False))
     values = np.concatenate(samples) if samples else np.zeros(1)
     return {
-        "cases": list(cases),
+        "cases": [case for case, _, _ in pairs],
         "spacings": spacings,
         "shapes": shapes,
         "median_spacing": np.median(np.array(spacings), axis=0).tolist(),

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .dataset import image_path, label_path
 from .io import load_volume, save_json
 
 N_CLASS_LOCATIONS = 10000  # foreground voxels remembered per class for oversampling
@@ -129,8 +128,9 @@ def geometry_of(vol, case: str) -> dict:
     }
 
 
-def preprocess_case(root: str | Path, case: str, plan: dict, out_image: str | Path,
-                    out_seg: str | Path, out_json: str | Path, seed: int = 0) -> None:
+def preprocess_case(image_file: str | Path, label_file: str | Path, case: str, plan: dict,
+                    out_image: str | Path, out_seg: str | Path, out_json: str | Path,
+                    seed: int = 0) -> None:
     """Preprocess one KiTS21 case to the plan's grid.
 
     Writes ``image`` (1, *S) float32 and ``seg`` (*S) uint8 as separate ``.npy`` files so the
@@ -140,8 +140,8 @@ def preprocess_case(root: str | Path, case: str, plan: dict, out_image: str | Pa
     from .io import atomic_path
     from .plan import target_shape
 
-    img = load_volume(image_path(root, case), case)
-    lab = load_volume(label_path(root, case), case)
+    img = load_volume(image_file, case)
+    lab = load_volume(label_file, case)
     image = preprocess_image(np.asarray(img.array), img.spacing, plan)
     shape = target_shape(img.array.shape, list(img.spacing), plan["spacing"])
     seg = resample_labels(np.asarray(lab.array).astype(np.uint8), shape, img.spacing,

@@ -11,7 +11,6 @@ sys.path.insert(0, workflow.basedir)
 from kitsnet.dataset import list_cases, check_case_id  # noqa: E402
 from kitsnet.plan import DATA_OF, PREVIOUS_STAGE  # noqa: E402
 
-
 validate(config, "../config/schema.yaml")
 
 CONFIGS = list(config["configurations"])
@@ -58,6 +57,11 @@ def label_files(wildcards=None):
     return expand("{root}/{case}/aggregated_MAJ_seg.nii.gz", root=DATA_ROOT, case=CASES)
 
 
+def data_root_of(image_files):
+    """The data root, derived from the case files (case_XXXXX/imaging.nii.gz) it holds."""
+    return str(Path(image_files[0]).parent.parent)
+
+
 def preprocessed_files(data):
     return expand(
         "results/preprocessed/{data}/{case}{suffix}",
@@ -69,7 +73,8 @@ def preprocessed_files(data):
 
 def training_inputs(wildcards):
     """What a (configuration, fold) needs: its plan, the splits, the preprocessed cases and,
-    for the cascade, the previous stage's out-of-fold segmentations from all its folds."""
+    for the cascade, the previous stage's out-of-fold segmentations from all its folds.
+    """
     inputs = {
         "plan": f"results/plans/{wildcards.config}.json",
         "splits": "results/dataset/splits.json",
@@ -77,7 +82,9 @@ def training_inputs(wildcards):
     }
     prev = PREVIOUS_STAGE.get(wildcards.config)
     if prev:
-        inputs["prev"] = expand("results/next_stage/{prev}/fold_{fold}", prev=prev, fold=FOLDS)
+        inputs["prev"] = expand(
+            "results/next_stage/{prev}/fold_{fold}", prev=prev, fold=FOLDS
+        )
     return inputs
 
 
@@ -87,3 +94,12 @@ def job_resources(kind, key, default):
 
 def threads_for_training():
     return int(config["training"].get("threads", 1))
+
+
+def prediction_inputs(wildcards):
+    inputs = training_inputs(wildcards)
+    inputs["model"] = (
+        f"results/models/{wildcards.config}/fold_{wildcards.fold}/"
+        + config["inference"]["checkpoint"]
+    )
+    return inputs

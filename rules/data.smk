@@ -5,16 +5,16 @@ if SYNTHETIC:
         output:
             images=image_files(),
             labels=label_files(),
-        params:
-            out=DATA_ROOT,
-            cases=int(SYNTHETIC["cases"]),
-            seed=int(SYNTHETIC["seed"]),
         log:
             "results/logs/synth/synth.log",
         benchmark:
             "results/benchmarks/synth/synth.tsv"
         conda:
             "../envs/kitsnet.yaml"
+        params:
+            out=lambda w, output: data_root_of(output.images),
+            cases=int(SYNTHETIC["cases"]),
+            seed=int(SYNTHETIC["seed"]),
         script:
             "../workflow_scripts/synth.py"
 
@@ -26,13 +26,13 @@ rule validate_dataset:
         labels=label_files(),
     output:
         "results/dataset/validated.json",
-    params:
-        root=DATA_ROOT,
-        cases=CASES,
-        folds=len(FOLDS),
     log:
         "results/logs/validate_dataset/validate_dataset.log",
     conda:
         "../envs/kitsnet.yaml"
+    params:
+        root=lambda w, input: data_root_of(input.images),
+        cases=CASES,
+        folds=len(FOLDS),
     script:
         "../workflow_scripts/validate.py"

@@ -6,15 +6,14 @@ rule evaluate:
         labels=label_files(),
     output:
         "results/scores/{config}/fold_{fold}.csv",
-    params:
-        root=DATA_ROOT,
-        jobs=config.get("evaluation", {}).get("jobs", 1),
     log:
         "results/logs/evaluate/{config}_fold{fold}.log",
     benchmark:
         "results/benchmarks/evaluate/{config}_fold{fold}.tsv"
-    threads: config.get("evaluation", {}).get("jobs", 1)
     conda:
         "../envs/kitsnet.yaml"
+    threads: config.get("evaluation", {}).get("jobs", 1)
+    params:
+        jobs=config.get("evaluation", {}).get("jobs", 1),
     script:
         "../workflow_scripts/evaluate.py"

@@ -6,9 +6,6 @@ rule fingerprint:
         labels=label_files(),
     output:
         "results/dataset/fingerprint.json",
-    params:
-        root=DATA_ROOT,
-        cases=CASES,
     log:
         "results/logs/fingerprint/fingerprint.log",
     benchmark:
@@ -25,12 +22,12 @@ rule plan:
         "results/dataset/fingerprint.json",
     output:
         "results/plans/{config}.json",
-    params:
-        cfg=lambda w: {"plan": config["plan"]},
     log:
         "results/logs/plan/{config}.log",
     conda:
         "../envs/kitsnet.yaml"
+    params:
+        cfg=lambda w: {"plan": config["plan"]},
     script:
         "../workflow_scripts/plan.py"
 
@@ -41,14 +38,14 @@ rule splits:
         "results/dataset/validated.json",
     output:
         "results/dataset/splits.json",
+    log:
+        "results/logs/splits/splits.log",
+    conda:
+        "../envs/kitsnet.yaml"
     params:
         cases=CASES,
         folds=len(FOLDS),
         seed=int(config["seed"]),
         splits_file=config.get("splits_file"),
-    log:
-        "results/logs/splits/splits.log",
-    conda:
-        "../envs/kitsnet.yaml"
     script:
         "../workflow_scripts/splits.py"

@@ -1,12 +1,3 @@
-def prediction_inputs(wildcards):
-    inputs = training_inputs(wildcards)
-    inputs["model"] = (
-        f"results/models/{wildcards.config}/fold_{wildcards.fold}/"
-        + config["inference"]["checkpoint"]
-    )
-    return inputs
-
-
 rule predict_lowres:
     """3d_lowres fold k predicts its validation cases, and writes their segmentations on the
     fullres grid: the cascade's out-of-fold previous-stage input."""
@@ -16,22 +7,22 @@ rule predict_lowres:
     output:
         predictions=directory("results/predictions/{config}/fold_{fold}"),
         next_stage=directory("results/next_stage/{config}/fold_{fold}"),
-    wildcard_constraints:
-        config="3d_lowres",
-    params:
-        inference=config["inference"],
-        device=config["training"].get("device", "auto"),
     log:
         "results/logs/predict/{config}_fold{fold}.log",
     benchmark:
         "results/benchmarks/predict/{config}_fold{fold}.tsv"
+    wildcard_constraints:
+        config="3d_lowres",
+    conda:
+        "../envs/kitsnet.yaml"
     threads: threads_for_training()
     resources:
         gpu=lambda w: job_resources("predict", "gpu", 1),
         mem_mb=lambda w: job_resources("predict", "mem_mb", 8000),
         runtime=lambda w: job_resources("predict", "runtime", 30),
-    conda:
-        "../envs/kitsnet.yaml"
+    params:
+        inference=config["inference"],
+        device=config["training"].get("device", "auto"),
     script:
         "../workflow_scripts/predict.py"
 
@@ -42,21 +33,21 @@ rule predict:
         unpack(prediction_inputs),
     output:
         predictions=directory("results/predictions/{config}/fold_{fold}"),
-    wildcard_constraints:
-        config="2d|3d_fullres|3d_cascade_fullres",
-    params:
-        inference=config["inference"],
-        device=config["training"].get("device", "auto"),
     log:
         "results/logs/predict/{config}_fold{fold}.log",
     benchmark:
         "results/benchmarks/predict/{config}_fold{fold}.tsv"
+    wildcard_constraints:
+        config="2d|3d_fullres|3d_cascade_fullres",
+    conda:
+        "../envs/kitsnet.yaml"
     threads: threads_for_training()
     resources:
         gpu=lambda w: job_resources("predict", "gpu", 1),
         mem_mb=lambda w: job_resources("predict", "mem_mb", 8000),
         runtime=lambda w: job_resources("predict", "runtime", 30),
-    conda:
-        "../envs/kitsnet.yaml"
+    params:
+        inference=config["inference"],
+        device=config["training"].get("device", "auto"),
     script:
         "../workflow_scripts/predict.py"

@@ -8,8 +8,6 @@ rule preprocess:
         image="results/preprocessed/{data}/{case}_image.npy",
         seg="results/preprocessed/{data}/{case}_seg.npy",
         props="results/preprocessed/{data}/{case}.json",
-    params:
-        root=DATA_ROOT,
     log:
         "results/logs/preprocess/{data}_{case}.log",
     benchmark:

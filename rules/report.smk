@@ -12,13 +12,13 @@ rule table1:
             caption="report/scores_per_case.rst",
             category="Table 1",
         ),
-    params:
-        configs=CONFIGS,
-        folds=FOLDS,
     log:
         "results/logs/table1/table1.log",
     conda:
         "../envs/kitsnet.yaml"
+    params:
+        configs=CONFIGS,
+        folds=FOLDS,
     script:
         "../workflow_scripts/table1.py"
 
@@ -43,13 +43,12 @@ rule figures:
             caption="report/fig2.rst",
             category="Figures",
         ),
-    params:
-        root=DATA_ROOT,
-        configs=CONFIGS,
-        n_cases=config.get("report", {}).get("figure_cases", 3),
     log:
         "results/logs/figures/figures.log",
     conda:
         "../envs/kitsnet.yaml"
+    params:
+        configs=CONFIGS,
+        n_cases=config.get("report", {}).get("figure_cases", 3),
     script:
         "../workflow_scripts/figures.py"

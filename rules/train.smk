@@ -13,21 +13,21 @@ rule train:
             subcategory="{config}",
             labels={"configuration": "{config}", "fold": "{fold}"},
         ),
-    params:
-        training=config["training"],
-        augmentation=config["augmentation"],
-        seed=int(config["seed"]),
     log:
         "results/logs/train/{config}_fold{fold}.log",
     benchmark:
         "results/benchmarks/train/{config}_fold{fold}.tsv"
+    conda:
+        "../envs/kitsnet.yaml"
     threads: threads_for_training()
     resources:
         gpu=lambda w: job_resources("train", "gpu", 1),
         mem_mb=lambda w: job_resources("train", "mem_mb", 8000),
         runtime=lambda w: job_resources("train", "runtime", 60),
-    conda:
-        "../envs/kitsnet.yaml"
+    params:
+        training=config["training"],
+        augmentation=config["augmentation"],
+        seed=int(config["seed"]),
     script:
         "../workflow_scripts/train.py"
 
@@ -46,12 +46,12 @@ rule training_curves:
             caption="report/training_curves.rst",
             category="Figures",
         ),
-    params:
-        configs=CONFIGS,
-        folds=FOLDS,
     log:
         "results/logs/training_curves/training_curves.log",
     conda:
         "../envs/kitsnet.yaml"
+    params:
+        configs=CONFIGS,
+        folds=FOLDS,
     script:
         "../workflow_scripts/training_curves.py"

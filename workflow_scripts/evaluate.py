@@ -5,7 +5,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
-from kitsnet.dataset import label_path
 from kitsnet.evaluate import evaluate_pairs, write_scores
 from kitsnet.io import KitsnetError, load_json, log_to
 
@@ -16,7 +15,8 @@ with log_to(snakemake.log[0]):
     missing = [c for c in cases if not (pred_dir / f"{c}.nii.gz").is_file()]
     if missing:
         raise KitsnetError(f"{pred_dir}: no prediction for validation case(s) {missing}")
-    pairs = [(c, pred_dir / f"{c}.nii.gz", label_path(snakemake.params.root, c)) for c in cases]
+    refs = {Path(f).parent.name: Path(f) for f in snakemake.input.labels}
+    pairs = [(c, pred_dir / f"{c}.nii.gz", refs[c]) for c in cases]
     df = evaluate_pairs(pairs, jobs=int(snakemake.params.jobs))
     write_scores(df, snakemake.output[0])
     print(df.to_string())

@@ -5,7 +5,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
-from kitsnet.dataset import image_path, label_path
 from kitsnet.io import load_json, log_to
 from kitsnet.report import plot_predictions, plot_reference
 
@@ -14,8 +13,8 @@ with log_to(snakemake.log[0]):
     splits = load_json(snakemake.input.splits)
     fold_of = {c: k for k, s in enumerate(splits) for c in s["val"]}
     cases = sorted(fold_of)[: int(p.n_cases)]
-    images = {c: image_path(p.root, c) for c in cases}
-    refs = {c: label_path(p.root, c) for c in cases}
+    images = {Path(f).parent.name: Path(f) for f in snakemake.input.images}
+    refs = {Path(f).parent.name: Path(f) for f in snakemake.input.labels}
     plot_reference([(c, images[c], refs[c]) for c in cases], Path(snakemake.output.fig1))
     preds = {cfg: {c: Path(f"results/predictions/{cfg}/fold_{fold_of[c]}/{c}.nii.gz")
                    for c in cases} for cfg in p.configs}

@@ -9,6 +9,7 @@ from kitsnet.io import log_to, save_json
 from kitsnet.plan import fingerprint
 
 with log_to(snakemake.log[0]):
-    fp = fingerprint(snakemake.params.root, list(snakemake.params.cases))
+    cases = [Path(f).parent.name for f in snakemake.input.images]
+    fp = fingerprint(list(zip(cases, snakemake.input.images, snakemake.input.labels, strict=True)))
     save_json(fp, snakemake.output[0])
     print(fp["foreground_intensity"])

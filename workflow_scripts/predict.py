@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kit
 
 import torch
 
-from kitsnet.io import load_json, log_to
 from kitsnet.infer import predict_fold
+from kitsnet.io import load_json, log_to
 
 with log_to(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)

@@ -1,0 +1,126 @@
+"""Benchmark: ``kitsnet.evaluate`` vs the literal whole-volume KiTS21 computation.
+
+Runs both on the 24 real full-size pairs of ../shared/kits21_labels (AND and OR aggregations
+scored against MAJ) in one process, and prints per-pair times, totals, the speed-up and the
+largest absolute difference over all 6 metrics (the requirement is <= 1e-9 and >= 5x).
+
+    python -m benchmarks.bench_evaluate [--data DIR] [--jobs N] [--json OUT]
+
+Timings include reading both NIfTI files on both sides (the official ``compute_metrics_for_case``
+reads its files too); the load-only time is printed so compute-only ratios can be derived.
+Both sides run serially, one case at a time; ``--jobs`` adds a parallel run of our code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from kitsnet.evaluate import (
+    METRIC_COLUMNS,
+    evaluate_pairs,
+    reference_score_case,
+    score_case,
+)
+from kitsnet.io import atomic_path, load_volume
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "kits21_labels"
+TOLERANCE = 1e-9
+
+
+def real_pairs(data: Path) -> list[tuple[str, Path, Path]]:
+    """Every ``<case>_{AND,OR}.nii.gz`` with its ``<case>_MAJ.nii.gz``, named ``<case>_<agg>``."""
+    pairs = []
+    for ref in sorted(data.glob("case_*_MAJ.nii.gz")):
+        case = ref.name[: -len("_MAJ.nii.gz")]
+        for agg in ("AND", "OR"):
+            pred = data / f"{case}_{agg}.nii.gz"
+            if pred.is_file():
+                pairs.append((f"{case}_{agg}", pred, ref))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+
+    if not args.data.is_dir():
+        print(f"no data at {args.data}", file=sys.stderr)
+        return 2
+    pairs = real_pairs(args.data)
+    print(f"{len(pairs)} pairs from {args.data}")
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} cpus, "
+        f"load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+
+    # Reading all files once first also warms the page cache for both timed runs.
+    t0 = time.perf_counter()
+    for _, pred, ref in pairs:
+        load_volume(pred)
+        load_volume(ref)
+    t_load = time.perf_counter() - t0
+
+    rows = []
+    t_ours = t_ref = 0.0
+    max_diff = 0.0
+    print(f"{'pair':18s} {'ours s':>8s} {'reference s':>12s} {'ratio':>7s} {'max |diff|':>11s}")
+    for case, pred, ref in pairs:
+        t0 = time.perf_counter()
+        ours = score_case(case, pred, ref)
+        t1 = time.perf_counter()
+        official = reference_score_case(case, pred, ref)
+        t2 = time.perf_counter()
+        diff = max(abs(ours[c] - official[c]) for c in METRIC_COLUMNS)
+        max_diff = max(max_diff, diff)
+        t_ours += t1 - t0
+        t_ref += t2 - t1
+        rows.append({"pair": case, "ours_s": t1 - t0, "reference_s": t2 - t1, "max_abs_diff": diff})
+        ratio = (t2 - t1) / (t1 - t0)
+        print(f"{case:18s} {t1 - t0:8.2f} {t2 - t1:12.2f} {ratio:7.1f} {diff:11.2e}")
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    evaluate_pairs(pairs, jobs=args.jobs)
+    t_par = time.perf_counter() - t0
+
+    print()
+    print(f"reading both files, all pairs:        {t_load:8.1f} s")
+    print(f"ours, serial (incl. reading):         {t_ours:8.1f} s")
+    print(f"ours, evaluate_pairs jobs={args.jobs:<3d}:        {t_par:8.1f} s")
+    print(f"reference, serial (incl. reading):    {t_ref:8.1f} s")
+    print(f"speed-up serial vs serial:            {t_ref / t_ours:8.1f} x")
+    compute_ratio = (t_ref - t_load) / max(t_ours - t_load, 1e-9)
+    print(f"speed-up compute only (minus reading): {compute_ratio:7.1f} x")
+    print(f"speed-up reference serial vs ours jobs={args.jobs}: {t_ref / t_par:.1f} x")
+    print(f"max |ours - reference| over {len(pairs)} pairs x 6 metrics: {max_diff:.3e}")
+    ok = max_diff <= TOLERANCE
+    print("values identical within 1e-9" if ok else "VALUES DIFFER by more than 1e-9")
+
+    if args.json is not None:
+        summary = {
+            "pairs": rows,
+            "load_s": t_load,
+            "ours_serial_s": t_ours,
+            "ours_parallel_s": t_par,
+            "jobs": args.jobs,
+            "reference_serial_s": t_ref,
+            "speedup_serial": t_ref / t_ours,
+            "max_abs_diff": max_diff,
+            "cpus": os.cpu_count(),
+        }
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

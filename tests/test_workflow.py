@@ -1,0 +1,108 @@
+"""The Snakemake workflow: the paper's DAG (dry run) and the micro demo end to end."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kitsnet.synth import kits_affine
+
+CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+
+
+def snakemake(repo: Path, workdir: Path, *args: str, check: bool = True):
+    """Run the repository's workflow from ``workdir`` (which holds a copy of config/)."""
+    if not (workdir / "config").exists():
+        shutil.copytree(repo / "config", workdir / "config")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def kits_layout(tmp_path_factory) -> Path:
+    """Ten cases in KiTS21's real layout and format (tiny volumes; a dry run reads none)."""
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("kits21") / "data"
+    for i in range(10):
+        case = root / f"case_{i:05d}"
+        case.mkdir(parents=True)
+        aff = kits_affine((3.0, 0.8, 0.8))
+        img = np.full((4, 8, 8), -1000, np.int16)
+        nib.save(nib.Nifti1Image(img, aff), case / "imaging.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((4, 8, 8), np.uint8), aff),
+                 case / "aggregated_MAJ_seg.nii.gz")
+    return root
+
+
+def test_paper_dag_plans_20_gpu_training_jobs(repo, tmp_path, kits_layout):
+    proc = snakemake(repo, tmp_path, "-n", "--configfile", str(repo / "config/kits21.yaml"),
+                     "--config", f"data_root={kits_layout}", "--", "results/table1.csv")
+    out = proc.stdout
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
+    assert counts["train"] == "20"
+    assert int(counts["predict"]) + int(counts["predict_lowres"]) == 20
+    assert counts["evaluate"] == "20" and counts["preprocess"] == "20"  # 10 cases x 2 grids
+    assert "synth" not in counts
+    blocks = out.split("\nrule ")
+    train_blocks = [b for b in blocks if b.startswith("train:")]
+    assert len(train_blocks) == 20
+    for cfg in CONFIGS:
+        for fold in range(5):
+            assert any(f"results/models/{cfg}/fold_{fold}/model_final.pt" in b
+                       for b in train_blocks)
+    assert all(re.search(r"resources:.*\bgpu=1\b", b) for b in train_blocks)
+    cpu_blocks = [b for b in blocks if b.split(":")[0] in ("fingerprint", "preprocess",
+                                                           "evaluate", "table1")]
+    assert cpu_blocks and not any(re.search(r"\bgpu=", b) for b in cpu_blocks)
+
+
+def test_unknown_config_key_stops_before_any_job(repo, tmp_path):
+    proc = snakemake(repo, tmp_path, "-n", "--config", "epochz=3", check=False)
+    assert proc.returncode != 0
+    assert "epochz" in proc.stdout + proc.stderr
+
+
+@pytest.mark.workflow
+def test_micro_demo_runs_end_to_end(repo, tmp_path):
+    """Synthetic data -> validate -> plan -> preprocess -> 20 trainings -> predictions ->
+    scores -> Table 1 and figures, with micro settings (a few tiny cases and iterations)."""
+    snakemake(repo, tmp_path, "--cores", "2", "--configfile",
+              str(repo / "tests/data/micro.yaml"))
+    res = tmp_path / "results"
+    with open(res / "table1.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["model"] for r in rows] == CONFIGS
+    for r in rows:
+        for key in ("dice_kidney", "dice_masses", "dice_tumor", "sd_kidney", "sd_masses",
+                    "sd_tumor"):
+            assert 0.0 <= float(r[key]) <= 1.0
+    per_case = list(csv.DictReader(open(res / "scores_per_case.csv")))
+    assert len(per_case) == 4 * 6 * 6  # configurations x cases x metrics
+    for fig in ("fig1_reference.png", "fig2_predictions.png", "training_curves.png"):
+        assert (res / "figures" / fig).stat().st_size > 1000
+    for cfg in CONFIGS:
+        for fold in range(5):
+            assert (res / f"models/{cfg}/fold_{fold}/progress.png").is_file()
+            assert (res / f"benchmarks/train/{cfg}_fold{fold}.tsv").is_file()
+    # predictions are on the original grid of their case, with its geometry
+    import nibabel as nib
+
+    pred = next((res / "predictions/3d_cascade_fullres").glob("fold_*/case_*.nii.gz"))
+    ref = nib.load(res / "data/demo" / pred.name.removesuffix(".nii.gz") / "imaging.nii.gz")
+    got = nib.load(pred)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got.affine, ref.affine)
+    # a second invocation finds nothing to do
+    again = snakemake(repo, tmp_path, "-n", "--configfile", str(repo / "tests/data/micro.yaml"))
+    assert "Nothing to be done" in again.stdout + again.stderr
