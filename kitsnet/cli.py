@@ -1,9 +1,9 @@
 """The ``kitsnet`` command: each pipeline stage usable without Snakemake.
 
-    kitsnet synth --out DIR --cases N --seed S
-    kitsnet validate DATA_ROOT
-    kitsnet evaluate --pred-dir P --ref-dir R --out scores.csv [--jobs N]
-    kitsnet predict --models DIR --input IMAGE_OR_DIR --out DIR [--config 3d_fullres]
+kitsnet synth --out DIR --cases N --seed S
+kitsnet validate DATA_ROOT
+kitsnet evaluate --pred-dir P --ref-dir R --out scores.csv [--jobs N]
+kitsnet predict --models DIR --input IMAGE_OR_DIR --out DIR [--config 3d_fullres]
 """
 
 from __future__ import annotations
@@ -34,16 +34,23 @@ def _validate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .infer import predict_images
 
-    written = predict_images(Path(args.models), Path(args.input), Path(args.out), args.config,
-                             checkpoint=args.checkpoint, mirror=not args.no_mirror,
-                             device=args.device)
+    written = predict_images(
+        Path(args.models),
+        Path(args.input),
+        Path(args.out),
+        args.config,
+        checkpoint=args.checkpoint,
+        mirror=not args.no_mirror,
+        device=args.device,
+    )
     print(f"wrote {len(written)} predictions to {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kitsnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kitsnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic KiTS-like dataset in KiTS21's layout")
@@ -58,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("predict", help="segment new CT scans with a trained configuration")
-    p.add_argument("--models", required=True,
-                   help="the workflow's results/models folder (holding <config>/fold_k)")
+    p.add_argument(
+        "--models",
+        required=True,
+        help="the workflow's results/models folder (holding <config>/fold_k)",
+    )
     p.add_argument("--input", required=True, help="a .nii.gz CT or a folder of them")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="3d_cascade_fullres")

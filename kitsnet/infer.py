@@ -50,10 +50,18 @@ def _mirror_sets(dim: int, axes: list[int] | None) -> list[tuple[int, ...]]:
 
 
 @torch.no_grad()
-def sliding_window(networks: list[torch.nn.Module], image: np.ndarray, patch: list[int],
-                   num_classes: int, step: float = 0.5, sigma_scale: float = 0.125,
-                   mirror: bool = True, mirror_axes: list[int] | None = None,
-                   device: torch.device | str = "cpu", tile_batch: int = 1) -> np.ndarray:
+def sliding_window(
+    networks: list[torch.nn.Module],
+    image: np.ndarray,
+    patch: list[int],
+    num_classes: int,
+    step: float = 0.5,
+    sigma_scale: float = 0.125,
+    mirror: bool = True,
+    mirror_axes: list[int] | None = None,
+    device: torch.device | str = "cpu",
+    tile_batch: int = 1,
+) -> np.ndarray:
     """Average logits of ``networks`` over tiles (and mirrors) -> (num_classes, *S) float32.
 
     ``image`` is (C, *S) with len(patch) spatial dims.  The volume is padded to at least the
@@ -92,12 +100,22 @@ def sliding_window(networks: list[torch.nn.Module], image: np.ndarray, patch: li
     return logits[(slice(None), *crop)].cpu().numpy()
 
 
-def predict_volume(networks: list[torch.nn.Module], image: np.ndarray, plan: dict,
-                   inference: dict, device: torch.device | str = "cpu") -> np.ndarray:
+def predict_volume(
+    networks: list[torch.nn.Module],
+    image: np.ndarray,
+    plan: dict,
+    inference: dict,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
     """Logits of a preprocessed (C, Z, Y, X) volume on its own grid; 2D plans go slice by slice."""
-    kw = dict(num_classes=plan["num_classes"], step=inference["step_size"],
-              sigma_scale=inference["gaussian_sigma_scale"], mirror=inference["mirror"],
-              device=device, tile_batch=int(inference.get("tile_batch", 1)))
+    kw = dict(
+        num_classes=plan["num_classes"],
+        step=inference["step_size"],
+        sigma_scale=inference["gaussian_sigma_scale"],
+        mirror=inference["mirror"],
+        device=device,
+        tile_batch=int(inference.get("tile_batch", 1)),
+    )
     patch = list(plan["patch_size"])
     if plan["arch"]["dim"] == 3:
         return sliding_window(networks, image, patch, **kw)
@@ -107,8 +125,9 @@ def predict_volume(networks: list[torch.nn.Module], image: np.ndarray, plan: dic
     return out
 
 
-def load_models(paths: list[str | Path], device: torch.device | str = "cpu"
-                ) -> tuple[list[torch.nn.Module], dict]:
+def load_models(
+    paths: list[str | Path], device: torch.device | str = "cpu"
+) -> tuple[list[torch.nn.Module], dict]:
     """Load one or more fold models (same plan) for inference, deep supervision off."""
     nets, plan = [], None
     for p in paths:
@@ -128,16 +147,18 @@ def logits_to_original(logits: np.ndarray, geometry: dict, plan: dict) -> np.nda
     best = np.full(shape, -np.inf, dtype=np.float32)
     seg = np.zeros(shape, dtype=np.uint8)
     for c in range(logits.shape[0]):
-        chan = resample(logits[c], shape, 1, geometry["original_spacing"],
-                        plan["anisotropy_threshold"])
+        chan = resample(
+            logits[c], shape, 1, geometry["original_spacing"], plan["anisotropy_threshold"]
+        )
         better = chan > best
         seg[better] = c
         best = np.where(better, chan, best)
     return seg
 
 
-def logits_to_next_stage(logits: np.ndarray, shape: list[int], plan: dict,
-                         spacing: list[float]) -> np.ndarray:
+def logits_to_next_stage(
+    logits: np.ndarray, shape: list[int], plan: dict, spacing: list[float]
+) -> np.ndarray:
     """Lowres logits resampled (linear) to the fullres grid and arg-maxed -> uint8 labels."""
     up = resample(logits, shape, 1, spacing, plan["anisotropy_threshold"])
     return up.argmax(0).astype(np.uint8)
@@ -149,14 +170,26 @@ def write_prediction(seg: np.ndarray, geometry: dict, out_path: str | Path) -> N
 
     hdr = nib.Nifti1Header()
     hdr["sform_code"], hdr["qform_code"] = geometry["sform_code"], geometry["qform_code"]
-    save_volume(seg.astype(np.uint8), out_path, np.array(geometry["affine"]), header=hdr,
-                spacing=tuple(geometry["original_spacing"]))
+    save_volume(
+        seg.astype(np.uint8),
+        out_path,
+        np.array(geometry["affine"]),
+        header=hdr,
+        spacing=tuple(geometry["original_spacing"]),
+    )
 
 
-def predict_fold(model_path: str | Path, cases: list[str], data_dir: str | Path,
-                 out_dir: str | Path, inference: dict, prev_dirs: list[str | Path] | None = None,
-                 next_stage: tuple[str | Path, str | Path] | None = None,
-                 device: str = "auto", log=print) -> None:
+def predict_fold(
+    model_path: str | Path,
+    cases: list[str],
+    data_dir: str | Path,
+    out_dir: str | Path,
+    inference: dict,
+    prev_dirs: list[str | Path] | None = None,
+    next_stage: tuple[str | Path, str | Path] | None = None,
+    device: str = "auto",
+    log=print,
+) -> None:
     """Predict a fold's validation cases from their preprocessed arrays.
 
     Writes ``out_dir/<case>.nii.gz`` on the original grid; with ``next_stage=(fullres_dir,
@@ -176,8 +209,9 @@ def predict_fold(model_path: str | Path, cases: list[str], data_dir: str | Path,
             onehot = np.stack([prev == k for k in range(1, plan["num_classes"])])
             image = np.concatenate([image, onehot.astype(np.float32)])
         logits = predict_volume(nets, image, plan, inference, dev)
-        write_prediction(logits_to_original(logits, geometry, plan), geometry,
-                         out_dir / f"{case}.nii.gz")
+        write_prediction(
+            logits_to_original(logits, geometry, plan), geometry, out_dir / f"{case}.nii.gz"
+        )
         if next_stage is not None:
             full_dir, ns_dir = Path(next_stage[0]), Path(next_stage[1])
             full_shape = load_json(full_dir / f"{case}.json")["shape"]
@@ -200,9 +234,16 @@ def _inputs(path: Path) -> list[tuple[str, Path]]:
     return [(p.name.removesuffix(".nii.gz"), p) for p in sorted(path.glob("*.nii.gz"))]
 
 
-def predict_images(models_dir: Path, input_path: Path, out_dir: Path, configuration: str,
-                   checkpoint: str = "model_final.pt", mirror: bool = True,
-                   device: str = "auto", inference: dict | None = None) -> list[Path]:
+def predict_images(
+    models_dir: Path,
+    input_path: Path,
+    out_dir: Path,
+    configuration: str,
+    checkpoint: str = "model_final.pt",
+    mirror: bool = True,
+    device: str = "auto",
+    inference: dict | None = None,
+) -> list[Path]:
     """Segment new CT scans with the 5-fold ensemble of a configuration (cascade included:
     the lowres ensemble runs first and its segmentation becomes the extra input channels)."""
     from .io import KitsnetError, load_volume
@@ -210,8 +251,13 @@ def predict_images(models_dir: Path, input_path: Path, out_dir: Path, configurat
     from .train import pick_device
 
     dev = pick_device(device)
-    inf = {"step_size": 0.5, "gaussian_sigma_scale": 0.125, "tile_batch": 1,
-           **(inference or {}), "mirror": mirror}
+    inf = {
+        "step_size": 0.5,
+        "gaussian_sigma_scale": 0.125,
+        "tile_batch": 1,
+        **(inference or {}),
+        "mirror": mirror,
+    }
 
     def ensemble(cfg: str) -> tuple[list[torch.nn.Module], dict]:
         paths = sorted((models_dir / cfg).glob(f"fold_*/{checkpoint}"))
@@ -231,8 +277,12 @@ def predict_images(models_dir: Path, input_path: Path, out_dir: Path, configurat
         if prev is not None:
             prev_nets, prev_plan = prev
             low = preprocess_image(np.asarray(vol.array), vol.spacing, prev_plan)
-            seg = logits_to_next_stage(predict_volume(prev_nets, low, prev_plan, inf, dev),
-                                       list(image.shape[1:]), prev_plan, prev_plan["spacing"])
+            seg = logits_to_next_stage(
+                predict_volume(prev_nets, low, prev_plan, inf, dev),
+                list(image.shape[1:]),
+                prev_plan,
+                prev_plan["spacing"],
+            )
             onehot = np.stack([seg == k for k in range(1, plan["num_classes"])])
             image = np.concatenate([image, onehot.astype(np.float32)])
         logits = predict_volume(nets, image, plan, inf, dev)

@@ -60,7 +60,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -149,13 +151,19 @@ def log_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
     import traceback
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+    with (
+        open(path, "w", buffering=1) as fh,
+        contextlib.redirect_stdout(fh),
+        contextlib.redirect_stderr(fh),
+    ):
         try:
             yield
         except Exception:
             traceback.print_exc(file=fh)
             fh.flush()
             # also tell the console, so a failing job's reason is visible without the log
-            print(f"see {path}: {traceback.format_exc().strip().splitlines()[-1]}",
-                  file=sys.__stderr__)
+            print(
+                f"see {path}: {traceback.format_exc().strip().splitlines()[-1]}",
+                file=sys.__stderr__,
+            )
             raise

@@ -17,13 +17,18 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 NUM_CLASSES = 4  # background, kidney, tumor, cyst
 # Which preprocessed data each configuration trains on; 2D and the cascade reuse the fullres
 # arrays as nnU-Net does, so each case is resampled once per resolution, not per configuration.
-DATA_OF = {"2d": "3d_fullres", "3d_fullres": "3d_fullres", "3d_lowres": "3d_lowres",
-           "3d_cascade_fullres": "3d_fullres"}
+DATA_OF = {
+    "2d": "3d_fullres",
+    "3d_fullres": "3d_fullres",
+    "3d_lowres": "3d_lowres",
+    "3d_cascade_fullres": "3d_fullres",
+}
 PREVIOUS_STAGE = {"3d_cascade_fullres": "3d_lowres"}
 
 
-def fingerprint(pairs: list[tuple[str, str | Path, str | Path]], samples_per_case: int = 10000,
-                seed: int = 1234) -> dict:
+def fingerprint(
+    pairs: list[tuple[str, str | Path, str | Path]], samples_per_case: int = 10000, seed: int = 1234
+) -> dict:
     """Spacings, shapes and foreground-intensity statistics of the dataset.
 
     Foreground voxels (label > 0) are subsampled per case with a fixed seed, as nnU-Net does,
@@ -164,13 +169,18 @@ def make_splits(cases: list[str], n_folds: int = 5, seed: int = 12345) -> list[d
     return splits
 
 
-def target_shape(shape: tuple[int, ...], spacing: list[float], new_spacing: list[float]) -> list[int]:
-    return [max(1, int(round(s * sp / ns))) for s, sp, ns in zip(shape, spacing, new_spacing,
-                                                                  strict=True)]
+def target_shape(
+    shape: tuple[int, ...], spacing: list[float], new_spacing: list[float]
+) -> list[int]:
+    return [
+        max(1, int(round(s * sp / ns)))
+        for s, sp, ns in zip(shape, spacing, new_spacing, strict=True)
+    ]
 
 
-def load_or_make_splits(cases: list[str], n_folds: int, seed: int,
-                        splits_file: str | None = None) -> list[dict]:
+def load_or_make_splits(
+    cases: list[str], n_folds: int, seed: int, splits_file: str | None = None
+) -> list[dict]:
     """An existing splits file is honoured (checked against the cases), else KFold splits."""
     if not splits_file:
         return make_splits(cases, n_folds, seed)
@@ -181,6 +191,7 @@ def load_or_make_splits(cases: list[str], n_folds: int, seed: int,
         raise KitsnetError(f"{splits_file}: {len(splits)} folds, config says folds={n_folds}")
     val = sorted(c for s in splits for c in s["val"])
     if val != sorted(cases):
-        raise KitsnetError(f"{splits_file}: validation cases do not cover the dataset's cases "
-                           "exactly once")
+        raise KitsnetError(
+            f"{splits_file}: validation cases do not cover the dataset's cases exactly once"
+        )
     return splits

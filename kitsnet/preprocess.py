@@ -53,15 +53,18 @@ def resample(
             continue
         zoom = [n / o for n, o in zip(new_shape, chan.shape, strict=True)]
         if aniso_axis is None:
-            out[c] = ndimage.zoom(chan, zoom, order=order, mode="nearest", grid_mode=True,
-                                  output=np.float32)
+            out[c] = ndimage.zoom(
+                chan, zoom, order=order, mode="nearest", grid_mode=True, output=np.float32
+            )
         else:
             inplane = [1.0 if a == aniso_axis else z for a, z in enumerate(zoom)]
             along = [zoom[a] if a == aniso_axis else 1.0 for a in range(len(zoom))]
-            tmp = ndimage.zoom(chan, inplane, order=order, mode="nearest", grid_mode=True,
-                               output=np.float32)
-            out[c] = ndimage.zoom(tmp, along, order=0, mode="nearest", grid_mode=True,
-                                  output=np.float32)
+            tmp = ndimage.zoom(
+                chan, inplane, order=order, mode="nearest", grid_mode=True, output=np.float32
+            )
+            out[c] = ndimage.zoom(
+                tmp, along, order=0, mode="nearest", grid_mode=True, output=np.float32
+            )
     return out[0] if squeeze else out
 
 
@@ -79,8 +82,9 @@ def resample_labels(
     for label in np.unique(seg):
         if label == 0:
             continue
-        mask = resample((seg == label).astype(np.float32), new_shape, 1, spacing,
-                        anisotropy_threshold)
+        mask = resample(
+            (seg == label).astype(np.float32), new_shape, 1, spacing, anisotropy_threshold
+        )
         out[mask >= 0.5] = label
     return out
 
@@ -105,8 +109,9 @@ def class_locations(seg: np.ndarray, rng: np.random.Generator) -> dict[str, list
     return locs
 
 
-def preprocess_image(image: np.ndarray, spacing: list[float] | tuple[float, ...],
-                     plan: dict) -> np.ndarray:
+def preprocess_image(
+    image: np.ndarray, spacing: list[float] | tuple[float, ...], plan: dict
+) -> np.ndarray:
     """Normalise then resample one CT volume to the plan's grid -> (1, *S) float32."""
     from .plan import target_shape
 
@@ -128,9 +133,16 @@ def geometry_of(vol, case: str) -> dict:
     }
 
 
-def preprocess_case(image_file: str | Path, label_file: str | Path, case: str, plan: dict,
-                    out_image: str | Path, out_seg: str | Path, out_json: str | Path,
-                    seed: int = 0) -> None:
+def preprocess_case(
+    image_file: str | Path,
+    label_file: str | Path,
+    case: str,
+    plan: dict,
+    out_image: str | Path,
+    out_seg: str | Path,
+    out_json: str | Path,
+    seed: int = 0,
+) -> None:
     """Preprocess one KiTS21 case to the plan's grid.
 
     Writes ``image`` (1, *S) float32 and ``seg`` (*S) uint8 as separate ``.npy`` files so the
@@ -144,12 +156,18 @@ def preprocess_case(image_file: str | Path, label_file: str | Path, case: str, p
     lab = load_volume(label_file, case)
     image = preprocess_image(np.asarray(img.array), img.spacing, plan)
     shape = target_shape(img.array.shape, list(img.spacing), plan["spacing"])
-    seg = resample_labels(np.asarray(lab.array).astype(np.uint8), shape, img.spacing,
-                          plan["anisotropy_threshold"])
+    seg = resample_labels(
+        np.asarray(lab.array).astype(np.uint8), shape, img.spacing, plan["anisotropy_threshold"]
+    )
     rng = np.random.default_rng([seed, int(case.split("_")[1])])
     props = geometry_of(img, case)
-    props.update({"shape": list(seg.shape), "spacing": plan["spacing"],
-                  "class_locations": class_locations(seg, rng)})
+    props.update(
+        {
+            "shape": list(seg.shape),
+            "spacing": plan["spacing"],
+            "class_locations": class_locations(seg, rng),
+        }
+    )
     for arr, path in ((image, out_image), (seg, out_seg)):
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:

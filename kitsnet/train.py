@@ -20,12 +20,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import augment_batch
+from .augment import augment_batch, cascade_binary_ops, remove_random_components
 from .io import KitsnetError, atomic_path, load_json
 from .network import build_network
 
-LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "pseudo_dice", "ema_pseudo_dice", "lr",
-               "epoch_time_s"]
+LOG_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "pseudo_dice",
+    "ema_pseudo_dice",
+    "lr",
+    "epoch_time_s",
+]
 
 
 # ----------------------------------------------------------------------------- data
@@ -36,28 +43,34 @@ class CaseStore:
         self.cases = list(cases)
         self.image = {c: np.load(data_dir / f"{c}_image.npy", mmap_mode="r") for c in cases}
         self.seg = {c: np.load(data_dir / f"{c}_seg.npy", mmap_mode="r") for c in cases}
-        self.locs = {c: {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
-                         for k, v in load_json(data_dir / f"{c}.json")["class_locations"].items()}
-                     for c in cases}
+        self.locs = {
+            c: {
+                int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
+                for k, v in load_json(data_dir / f"{c}.json")["class_locations"].items()
+            }
+            for c in cases
+        }
         self.prev = None
         if prev_dirs:
-            self.prev = {c: np.load(find_previous_stage(c, prev_dirs), mmap_mode="r")
-                         for c in cases}
+            self.prev = {
+                c: np.load(find_previous_stage(c, prev_dirs), mmap_mode="r") for c in cases
+            }
 
 
 def find_previous_stage(case: str, prev_dirs: list[str | Path]) -> Path:
     """The previous stage's segmentation of ``case``: exactly one fold predicted it."""
     hits = [Path(d) / f"{case}.npy" for d in prev_dirs if (Path(d) / f"{case}.npy").is_file()]
     if len(hits) != 1:
-        raise KitsnetError(f"{case}: expected one previous-stage segmentation in {prev_dirs}, "
-                           f"found {len(hits)}")
+        raise KitsnetError(
+            f"{case}: expected one previous-stage segmentation in {prev_dirs}, found {len(hits)}"
+        )
     return hits[0]
 
 
 def _crop(arr: np.ndarray, lb: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
     """Crop ``arr[..., lb:lb+size]`` over the trailing len(size) axes, padding with ``fill``."""
     lead = arr.shape[: arr.ndim - len(size)]
-    spatial = arr.shape[arr.ndim - len(size):]
+    spatial = arr.shape[arr.ndim - len(size) :]
     out = np.full((*lead, *size), fill, dtype=arr.dtype)
     src, dst = [], []
     for lo, sz, full in zip(lb, size, spatial, strict=True):
@@ -74,8 +87,14 @@ class PatchSampler:
     For 2D plans a random slice along axis 0 is taken and the patch is 2D in-plane.
     """
 
-    def __init__(self, store: CaseStore, patch_in: list[int], dim: int, oversample: float,
-                 rng: np.random.Generator):
+    def __init__(
+        self,
+        store: CaseStore,
+        patch_in: list[int],
+        dim: int,
+        oversample: float,
+        rng: np.random.Generator,
+    ):
         self.store, self.patch_in, self.dim = store, list(patch_in), dim
         self.oversample, self.rng = oversample, rng
 
@@ -90,7 +109,7 @@ class PatchSampler:
         else:
             hi = np.maximum(shape - size, 0)
             lo = np.minimum(shape - size, 0) // 2
-            lb = np.array([self.rng.integers(l, h + 1) for l, h in zip(lo, hi, strict=True)])
+            lb = np.array([self.rng.integers(a, b + 1) for a, b in zip(lo, hi, strict=True)])
         return lb, tuple(int(s) for s in size)
 
     def sample(self, batch_size: int, n_prev: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +146,9 @@ def initial_patch_size(patch: list[int], aug: dict) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- loss
-def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool,
-              smooth: float = 1e-5) -> torch.Tensor:
+def soft_dice(
+    probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool, smooth: float = 1e-5
+) -> torch.Tensor:
     """Soft Dice per foreground class (background excluded), nnU-Net's formula."""
     axes = [0, *range(2, probs.ndim)] if batch_dice else list(range(2, probs.ndim))
     tp = (probs * onehot).sum(axes)
@@ -198,10 +218,19 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 # ----------------------------------------------------------------------------- training
-def train_fold(plan: dict, splits: list[dict], fold: int, data_dir: str | Path,
-               out_dir: str | Path, training: dict, augmentation: dict,
-               prev_dirs: list[str | Path] | None = None, seed: int = 0, device: str = "auto",
-               log=print) -> dict:
+def train_fold(
+    plan: dict,
+    splits: list[dict],
+    fold: int,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    training: dict,
+    augmentation: dict,
+    prev_dirs: list[str | Path] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    log=print,
+) -> dict:
     """Train one configuration on one fold; writes model_final.pt, model_best.pt,
     checkpoint_latest.pt and training_log.csv into ``out_dir``."""
     out_dir, data_dir = Path(out_dir), Path(data_dir)
@@ -217,9 +246,13 @@ def train_fold(plan: dict, splits: list[dict], fold: int, data_dir: str | Path,
     gen = torch.Generator().manual_seed(seed * 1000 + fold)
     arch = plan["arch"]
     net = build_network(arch, plan["in_channels"], plan["num_classes"]).to(dev)
-    opt = torch.optim.SGD(net.parameters(), lr=training["initial_lr"],
-                          momentum=training["momentum"], nesterov=training["nesterov"],
-                          weight_decay=training["weight_decay"])
+    opt = torch.optim.SGD(
+        net.parameters(),
+        lr=training["initial_lr"],
+        momentum=training["momentum"],
+        nesterov=training["nesterov"],
+        weight_decay=training["weight_decay"],
+    )
     epochs = int(training["epochs"])
     n_prev = plan["num_classes"] - 1 if plan.get("previous_stage") else 0
     history: list[dict] = []
@@ -237,27 +270,55 @@ def train_fold(plan: dict, splits: list[dict], fold: int, data_dir: str | Path,
         log(f"resumed from {ckpt_path} after epoch {len(history)}")
 
     patch = list(plan["patch_size"])
-    # max_patch_growth is the sampler's setting; the rest are the augmentation's own
-    aug = {k: v for k, v in augmentation.items() if k != "max_patch_growth"}
-    train_sampler = PatchSampler(train_store, initial_patch_size(patch, augmentation),
-                                 arch["dim"], training["oversample_foreground"], rng)
-    val_sampler = PatchSampler(val_store, patch, arch["dim"], training["oversample_foreground"],
-                               rng)
-    weights = deep_supervision_weights(len(arch["features_per_stage"]) - 1
-                                       if arch["deep_supervision"] else 1)
+    # max_patch_growth is the sampler's setting, cascade_* act on the previous-stage channels;
+    # the rest are augment_batch's own
+    aug = {
+        k: v
+        for k, v in augmentation.items()
+        if k != "max_patch_growth" and not k.startswith("cascade_")
+    }
+    train_sampler = PatchSampler(
+        train_store,
+        initial_patch_size(patch, augmentation),
+        arch["dim"],
+        training["oversample_foreground"],
+        rng,
+    )
+    val_sampler = PatchSampler(
+        val_store, patch, arch["dim"], training["oversample_foreground"], rng
+    )
+    weights = deep_supervision_weights(
+        len(arch["features_per_stage"]) - 1 if arch["deep_supervision"] else 1
+    )
     batch, batch_dice = int(plan["batch_size"]), bool(training.get("batch_dice", True))
     use_amp = dev.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
 
     def save_checkpoint() -> None:
-        _save_torch({"model": net.state_dict(), "optimizer": opt.state_dict(),
-                     "history": json.dumps(history), "ema": ema, "best": best,
-                     "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
-                     "numpy_rng": json.dumps(rng.bit_generator.state)}, ckpt_path)
+        _save_torch(
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "history": json.dumps(history),
+                "ema": ema,
+                "best": best,
+                "torch_rng": torch.get_rng_state(),
+                "gen_rng": gen.get_state(),
+                "numpy_rng": json.dumps(rng.bit_generator.state),
+            },
+            ckpt_path,
+        )
 
     def save_model(path: Path) -> None:
-        _save_torch({"state_dict": net.state_dict(), "plan": json.dumps(plan), "fold": fold,
-                     "epochs": len(history)}, path)
+        _save_torch(
+            {
+                "state_dict": net.state_dict(),
+                "plan": json.dumps(plan),
+                "fold": fold,
+                "epochs": len(history),
+            },
+            path,
+        )
 
     for epoch in range(len(history), epochs):
         t0 = time.perf_counter()
@@ -268,9 +329,16 @@ def train_fold(plan: dict, splits: list[dict], fold: int, data_dir: str | Path,
         losses = []
         for _ in range(int(training["iterations_per_epoch"])):
             img, seg = train_sampler.sample(batch, n_prev)
-            img_t, seg_t = augment_batch(torch.from_numpy(img), torch.from_numpy(seg), patch,
-                                         aug, gen,
-                                         n_intensity_channels=img.shape[1] - n_prev)
+            img_t, seg_t = augment_batch(
+                torch.from_numpy(img),
+                torch.from_numpy(seg),
+                patch,
+                aug,
+                gen,
+                n_intensity_channels=img.shape[1] - n_prev,
+            )
+            if n_prev:
+                img_t[:, -n_prev:] = _augment_previous_stage(img_t[:, -n_prev:], augmentation, gen)
             img_t, seg_t = img_t.to(dev), seg_t.long().to(dev)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
@@ -280,14 +348,37 @@ def train_fold(plan: dict, splits: list[dict], fold: int, data_dir: str | Path,
             torch.nn.utils.clip_grad_norm_(net.parameters(), training["grad_clip"])
             opt.step()
             losses.append(float(loss.detach()))
-        val_loss, dice = _validate(net, val_sampler, batch, n_prev, int(
-            training["val_iterations"]), weights, batch_dice, dev, plan["num_classes"])
-        ema = dice if ema is None else training["ema_alpha"] * ema + (1 - training["ema_alpha"]) * dice
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                        "val_loss": val_loss, "pseudo_dice": dice, "ema_pseudo_dice": ema,
-                        "lr": lr, "epoch_time_s": time.perf_counter() - t0})
-        log(f"epoch {epoch}: train {np.mean(losses):.4f} val {val_loss:.4f} "
-            f"dice {dice:.4f} ema {ema:.4f} ({history[-1]['epoch_time_s']:.1f}s)")
+        val_loss, dice = _validate(
+            net,
+            val_sampler,
+            batch,
+            n_prev,
+            int(training["val_iterations"]),
+            weights,
+            batch_dice,
+            dev,
+            plan["num_classes"],
+        )
+        ema = (
+            dice
+            if ema is None
+            else training["ema_alpha"] * ema + (1 - training["ema_alpha"]) * dice
+        )
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_loss": val_loss,
+                "pseudo_dice": dice,
+                "ema_pseudo_dice": ema,
+                "lr": lr,
+                "epoch_time_s": time.perf_counter() - t0,
+            }
+        )
+        log(
+            f"epoch {epoch}: train {np.mean(losses):.4f} val {val_loss:.4f} "
+            f"dice {dice:.4f} ema {ema:.4f} ({history[-1]['epoch_time_s']:.1f}s)"
+        )
         if ema > best:
             best = ema
             save_model(out_dir / "model_best.pt")
@@ -296,6 +387,26 @@ def train_fold(plan: dict, splits: list[dict], fold: int, data_dir: str | Path,
             save_checkpoint()
     save_model(out_dir / "model_final.pt")
     return {"epochs": len(history), "best_ema_pseudo_dice": best}
+
+
+def _augment_previous_stage(onehot: torch.Tensor, aug: dict, gen: torch.Generator) -> torch.Tensor:
+    """nnU-Net's cascade augmentation of the lowres segmentation channels: random binary
+    morphology and random removal of small connected components, so the fullres network learns
+    not to trust the previous stage blindly."""
+    onehot = cascade_binary_ops(
+        onehot,
+        gen,
+        p=aug.get("cascade_binary_p", 0.4),
+        p_per_label=aug.get("cascade_binary_p_per_label", 0.5),
+        radius=aug.get("cascade_binary_radius", (1, 8)),
+    )
+    return remove_random_components(
+        onehot,
+        gen,
+        p=aug.get("cascade_cc_removal_p", 0.2),
+        p_per_label=aug.get("cascade_cc_p_per_label", 0.5),
+        max_fraction=aug.get("cascade_cc_max_fraction", 0.15),
+    )
 
 
 @torch.no_grad()

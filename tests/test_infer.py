@@ -35,8 +35,7 @@ def test_gaussian_importance_peaks_in_the_centre_and_has_no_zeros():
 def test_sliding_window_reassembles_a_volume_exactly_for_an_identity_model():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(3, 37, 29, 21)).astype(np.float32)  # 3 "classes" = 3 channels
-    out = sliding_window([Identity()], image, [16, 16, 16], 3, step=0.5, mirror=True,
-                         tile_batch=3)
+    out = sliding_window([Identity()], image, [16, 16, 16], 3, step=0.5, mirror=True, tile_batch=3)
     np.testing.assert_allclose(out, image, atol=1e-5)
 
 
@@ -50,8 +49,13 @@ def test_sliding_window_pads_volumes_smaller_than_the_patch():
 def test_export_writes_the_original_grid_and_geometry(tmp_path):
     spacing = [2.5, 0.8, 0.8]
     affine = np.array([[0, 0, -0.8, 0], [0, -0.8, 0, 0], [-2.5, 0, 0, 0], [0, 0, 0, 1.0]])
-    geometry = {"original_shape": [10, 50, 50], "original_spacing": spacing,
-                "affine": affine.tolist(), "sform_code": 2, "qform_code": 0}
+    geometry = {
+        "original_shape": [10, 50, 50],
+        "original_spacing": spacing,
+        "affine": affine.tolist(),
+        "sform_code": 2,
+        "qform_code": 0,
+    }
     logits = np.zeros((4, 16, 40, 40), np.float32)
     logits[0] = 1
     logits[1, 4:12, 10:30, 10:30] = 5

@@ -16,9 +16,15 @@ from kitsnet.train import (
     train_fold,
 )
 
-ARCH = {"dim": 3, "features_per_stage": [4, 8, 16], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-        "kernel_sizes": [[3, 3, 3]] * 3, "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2,
-        "deep_supervision": True}
+ARCH = {
+    "dim": 3,
+    "features_per_stage": [4, 8, 16],
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+    "kernel_sizes": [[3, 3, 3]] * 3,
+    "n_conv_per_stage": 2,
+    "n_conv_per_stage_decoder": 2,
+    "deep_supervision": True,
+}
 
 
 def test_deep_supervision_weights_halve_and_ignore_the_lowest():
@@ -76,17 +82,46 @@ def _tiny_preprocessed(root, n=5, shape=(20, 24, 24)):
     return cases
 
 
-TRAINING = {"epochs": 3, "iterations_per_epoch": 2, "val_iterations": 1, "initial_lr": 0.01,
-            "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5, "poly_exponent": 0.9,
-            "grad_clip": 12.0, "oversample_foreground": 0.33, "ema_alpha": 0.9,
-            "checkpoint_every": 1}
-NO_AUG = {k: 0.0 for k in ("rotation_p", "scale_p", "noise_p", "blur_p", "brightness_p",
-                           "contrast_p", "lowres_p", "gamma_p", "gamma_inv_p", "mirror_p")}
+TRAINING = {
+    "epochs": 3,
+    "iterations_per_epoch": 2,
+    "val_iterations": 1,
+    "initial_lr": 0.01,
+    "momentum": 0.99,
+    "nesterov": True,
+    "weight_decay": 3e-5,
+    "poly_exponent": 0.9,
+    "grad_clip": 12.0,
+    "oversample_foreground": 0.33,
+    "ema_alpha": 0.9,
+    "checkpoint_every": 1,
+}
+NO_AUG = {
+    k: 0.0
+    for k in (
+        "rotation_p",
+        "scale_p",
+        "noise_p",
+        "blur_p",
+        "brightness_p",
+        "contrast_p",
+        "lowres_p",
+        "gamma_p",
+        "gamma_inv_p",
+        "mirror_p",
+    )
+}
 
 
 def _plan():
-    return {"arch": ARCH, "patch_size": [16, 16, 16], "batch_size": 2, "num_classes": 4,
-            "in_channels": 1, "previous_stage": None}
+    return {
+        "arch": ARCH,
+        "patch_size": [16, 16, 16],
+        "batch_size": 2,
+        "num_classes": 4,
+        "in_channels": 1,
+        "previous_stage": None,
+    }
 
 
 def test_training_writes_models_and_a_gapless_log(tmp_path):
@@ -113,8 +148,9 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
     part = tmp_path / "part"
     # "killed" after two epochs: train with epochs=2 keeps the checkpoint of epoch 2 ...
     short = dict(TRAINING, epochs=3)
-    train_fold(_plan(), splits, 0, data, part, dict(short, epochs=2), NO_AUG, seed=1,
-               log=lambda *_: None)
+    train_fold(
+        _plan(), splits, 0, data, part, dict(short, epochs=2), NO_AUG, seed=1, log=lambda *_: None
+    )
     (part / "model_final.pt").unlink()
     ck = load_checkpoint(part / "checkpoint_latest.pt")
     assert len(__import__("json").loads(ck["history"])) == 2

@@ -40,14 +40,24 @@ def kits_layout(tmp_path_factory) -> Path:
         aff = kits_affine((3.0, 0.8, 0.8))
         img = np.full((4, 8, 8), -1000, np.int16)
         nib.save(nib.Nifti1Image(img, aff), case / "imaging.nii.gz")
-        nib.save(nib.Nifti1Image(np.zeros((4, 8, 8), np.uint8), aff),
-                 case / "aggregated_MAJ_seg.nii.gz")
+        nib.save(
+            nib.Nifti1Image(np.zeros((4, 8, 8), np.uint8), aff), case / "aggregated_MAJ_seg.nii.gz"
+        )
     return root
 
 
 def test_paper_dag_plans_20_gpu_training_jobs(repo, tmp_path, kits_layout):
-    proc = snakemake(repo, tmp_path, "-n", "--configfile", str(repo / "config/kits21.yaml"),
-                     "--config", f"data_root={kits_layout}", "--", "results/table1.csv")
+    proc = snakemake(
+        repo,
+        tmp_path,
+        "-n",
+        "--configfile",
+        str(repo / "config/kits21.yaml"),
+        "--config",
+        f"data_root={kits_layout}",
+        "--",
+        "results/table1.csv",
+    )
     out = proc.stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
     assert counts["train"] == "20"
@@ -59,11 +69,13 @@ def test_paper_dag_plans_20_gpu_training_jobs(repo, tmp_path, kits_layout):
     assert len(train_blocks) == 20
     for cfg in CONFIGS:
         for fold in range(5):
-            assert any(f"results/models/{cfg}/fold_{fold}/model_final.pt" in b
-                       for b in train_blocks)
+            assert any(
+                f"results/models/{cfg}/fold_{fold}/model_final.pt" in b for b in train_blocks
+            )
     assert all(re.search(r"resources:.*\bgpu=1\b", b) for b in train_blocks)
-    cpu_blocks = [b for b in blocks if b.split(":")[0] in ("fingerprint", "preprocess",
-                                                           "evaluate", "table1")]
+    cpu_blocks = [
+        b for b in blocks if b.split(":")[0] in ("fingerprint", "preprocess", "evaluate", "table1")
+    ]
     assert cpu_blocks and not any(re.search(r"\bgpu=", b) for b in cpu_blocks)
 
 
@@ -77,15 +89,20 @@ def test_unknown_config_key_stops_before_any_job(repo, tmp_path):
 def test_micro_demo_runs_end_to_end(repo, tmp_path):
     """Synthetic data -> validate -> plan -> preprocess -> 20 trainings -> predictions ->
     scores -> Table 1 and figures, with micro settings (a few tiny cases and iterations)."""
-    snakemake(repo, tmp_path, "--cores", "2", "--configfile",
-              str(repo / "tests/data/micro.yaml"))
+    snakemake(repo, tmp_path, "--cores", "2", "--configfile", str(repo / "tests/data/micro.yaml"))
     res = tmp_path / "results"
     with open(res / "table1.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["model"] for r in rows] == CONFIGS
     for r in rows:
-        for key in ("dice_kidney", "dice_masses", "dice_tumor", "sd_kidney", "sd_masses",
-                    "sd_tumor"):
+        for key in (
+            "dice_kidney",
+            "dice_masses",
+            "dice_tumor",
+            "sd_kidney",
+            "sd_masses",
+            "sd_tumor",
+        ):
             assert 0.0 <= float(r[key]) <= 1.0
     per_case = list(csv.DictReader(open(res / "scores_per_case.csv")))
     assert len(per_case) == 4 * 6 * 6  # configurations x cases x metrics

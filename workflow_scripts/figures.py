@@ -16,6 +16,8 @@ with log_to(snakemake.log[0]):
     images = {Path(f).parent.name: Path(f) for f in snakemake.input.images}
     refs = {Path(f).parent.name: Path(f) for f in snakemake.input.labels}
     plot_reference([(c, images[c], refs[c]) for c in cases], Path(snakemake.output.fig1))
-    preds = {cfg: {c: Path(f"results/predictions/{cfg}/fold_{fold_of[c]}/{c}.nii.gz")
-                   for c in cases} for cfg in p.configs}
+    preds = {
+        cfg: {c: Path(f"results/predictions/{cfg}/fold_{fold_of[c]}/{c}.nii.gz") for c in cases}
+        for cfg in p.configs
+    }
     plot_predictions(cases, images, refs, preds, Path(snakemake.output.fig2))

@@ -18,6 +18,13 @@ with log_to(snakemake.log[0]):
     next_stage = None
     if "next_stage" in snakemake.output.keys():
         next_stage = (Path(snakemake.input.fullres[0]).parent, snakemake.output.next_stage)
-    predict_fold(snakemake.input.model, cases, Path(snakemake.input.data[0]).parent,
-                 snakemake.output.predictions, snakemake.params.inference, prev_dirs=prev,
-                 next_stage=next_stage, device=snakemake.params.device)
+    predict_fold(
+        snakemake.input.model,
+        cases,
+        Path(snakemake.input.data[0]).parent,
+        snakemake.output.predictions,
+        snakemake.params.inference,
+        prev_dirs=prev,
+        next_stage=next_stage,
+        device=snakemake.params.device,
+    )

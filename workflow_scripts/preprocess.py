@@ -10,5 +10,12 @@ from kitsnet.preprocess import preprocess_case
 
 with log_to(snakemake.log[0]):
     o = snakemake.output
-    preprocess_case(snakemake.input.image, snakemake.input.label, snakemake.wildcards.case,
-                    load_json(snakemake.input.plan), o.image, o.seg, o.props)
+    preprocess_case(
+        snakemake.input.image,
+        snakemake.input.label,
+        snakemake.wildcards.case,
+        load_json(snakemake.input.plan),
+        o.image,
+        o.seg,
+        o.props,
+    )

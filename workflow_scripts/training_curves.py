@@ -10,6 +10,9 @@ from kitsnet.report import plot_training_curves
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
-    logs = {(c, f): Path(f"results/models/{c}/fold_{f}/training_log.csv")
-            for c in p.configs for f in p.folds}
+    logs = {
+        (c, f): Path(f"results/models/{c}/fold_{f}/training_log.csv")
+        for c in p.configs
+        for f in p.folds
+    }
     plot_training_curves(logs, Path(snakemake.output[0]))
