@@ -17,6 +17,15 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 
+# Tiny bookkeeping jobs run where snakemake runs, not through a cluster executor's queue.
+localrules:
+    plan,
+    splits,
+    table1,
+    training_curves,
+    compute_cost,
+
+
 rule all:
     default_target: True
     input:
@@ -26,3 +35,4 @@ rule all:
         "results/figures/fig1_reference.png",
         "results/figures/fig2_predictions.png",
         "results/figures/training_curves.png",
+        "results/compute_cost.csv",

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"reading both files, all pairs:        {t_load:8.1f} s")
     print(f"ours, serial (incl. reading):         {t_ours:8.1f} s")
-    print(f"ours, evaluate_pairs jobs={args.jobs:<3d}:        {t_par:8.1f} s")
+    print(f"{f'ours, evaluate_pairs jobs={args.jobs}:':38s}{t_par:8.1f} s")
     print(f"reference, serial (incl. reading):    {t_ref:8.1f} s")
     print(f"speed-up serial vs serial:            {t_ref / t_ours:8.1f} x")
     compute_ratio = (t_ref - t_load) / max(t_ours - t_load, 1e-9)

@@ -3,29 +3,53 @@
 A KiTS21 data root holds one folder per case, ``case_XXXXX/imaging.nii.gz`` and
 ``case_XXXXX/aggregated_MAJ_seg.nii.gz``.  Case ids are constrained to ``case_\\d{5}`` here and in
 the workflow's wildcards, so no id can point outside the data root.
+
+Validation comes in two layers, both reporting *every* problem, one line each, in the form
+``case_XXXXX: path: what is wrong``:
+
+* :func:`check_layout` only looks at names and ``stat``: malformed or duplicate case ids, a case
+  that is not a folder, missing files, fewer cases than folds.  It is cheap enough for the
+  workflow to run while it parses, so such a dataset stops it before any job.
+* :func:`validate_dataset` adds :func:`validate_case`, which reads every volume: unreadable or
+  truncated files, not 3D, shapes/affines that disagree, non-positive or absurd spacing, NaN/inf,
+  intensities that are not CT in HU, label values outside {0,1,2,3}, no kidney label.
+
+Nothing here writes anything.
 """
 
 from __future__ import annotations
 
+import gzip
 import re
+import zlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from .io import KitsnetError, load_volume
 
 CASE_RE = re.compile(r"case_\d{5}")
+# Anything that looks like it was meant to be a case id: case_1, Case_00001, CASE-00001,
+# case_000001...  Such names are reported (malformed, and duplicate when their number is
+# also a well-formed case) instead of being silently skipped.
+CASE_LIKE_RE = re.compile(r"case\W*_?\W*0*(\d+)\D*", re.IGNORECASE)
 IMAGE_NAME = "imaging.nii.gz"
 LABEL_NAME = "aggregated_MAJ_seg.nii.gz"
 LABELS = {0: "background", 1: "kidney", 2: "tumor", 3: "cyst"}
-# Plausible CT: air is about -1000 HU, dense bone/metal a few thousand.  An MR or a 0-1 rescaled
-# image falls outside these bounds and would be normalised into nonsense, so we refuse it.
-HU_MIN_PLAUSIBLE, HU_MAX_PLAUSIBLE = -1100.0, 5000.0
+# Plausible CT in Hounsfield units: air (about -1000 HU) surrounds every abdominal scan, so the
+# darkest voxel must be air-like; scanners pad outside the field of view with down to -3024, and
+# nothing in HU exceeds the int16 range.  An MR, a 0-1 rescaled image or raw scanner values
+# without the rescale intercept (minimum ~0) fall outside and would be normalised into nonsense.
+HU_AIR_MAX = -500.0
+HU_MIN_PLAUSIBLE, HU_MAX_PLAUSIBLE = -4000.0, 32767.0
+# KiTS21 spacings are 0.44-1.04 mm in-plane and 0.5-5 mm between slices
+SPACING_MIN_MM, SPACING_MAX_MM = 0.05, 20.0
 
 
 def check_case_id(case: str) -> str:
     """Return ``case`` if it is a well-formed KiTS21 id, else raise."""
-    if not CASE_RE.fullmatch(case):
+    if not isinstance(case, str) or not CASE_RE.fullmatch(case):
         raise KitsnetError(f"{case!r}: malformed case id (expected case_ followed by 5 digits)")
     return case
 
@@ -46,63 +70,167 @@ def list_cases(root: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and CASE_RE.fullmatch(p.name))
 
 
+def check_layout(
+    root: str | Path, cases: list[str] | None = None, folds: int | None = None
+) -> list[str]:
+    """Problems visible from names and ``stat`` alone, one line each (reads no volume).
+
+    ``cases``: the ids the caller expects (default: every ``case_XXXXX`` folder found).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root}: data root is missing or not a folder"]
+    problems: list[str] = []
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    wellformed = {p.name for p in entries if CASE_RE.fullmatch(p.name)}
+    numbers = {int(name[5:]): name for name in wellformed}
+    seen_numbers: dict[int, str] = {}
+    for p in entries:
+        name = p.name
+        if CASE_RE.fullmatch(name):
+            if not p.is_dir():
+                problems.append(f"{name}: {p}: is not a folder")
+            continue
+        m = CASE_LIKE_RE.fullmatch(name)
+        if not m and not (p.is_dir() and name.lower().startswith("case")):
+            continue  # README, LICENSE, kits.json... are not cases
+        what = "malformed case id (expected case_ followed by 5 digits)"
+        if m:
+            n = int(m.group(1))
+            twin = numbers.get(n) or seen_numbers.get(n)
+            if twin:
+                what += f"; duplicate of {twin}"
+            seen_numbers.setdefault(n, name)
+        problems.append(f"{name}: {p}: {what}")
+    wanted = sorted(wellformed) if cases is None else list(cases)
+    dupes = sorted({c for c in wanted if wanted.count(c) > 1})
+    problems += [f"{c}: {root / str(c)}: case id listed more than once" for c in dupes]
+    for case in dict.fromkeys(wanted):
+        if not isinstance(case, str) or not CASE_RE.fullmatch(case):
+            problems.append(
+                f"{case}: {root}: malformed case id (expected case_ followed by 5 digits)"
+            )
+            continue
+        folder = root / case
+        if not folder.exists():
+            problems.append(f"{case}: {folder}: case folder is missing")
+            continue
+        if not folder.is_dir():
+            if case not in wellformed:
+                problems.append(f"{case}: {folder}: is not a folder")
+            continue
+        for path in (folder / IMAGE_NAME, folder / LABEL_NAME):
+            if not path.exists():
+                problems.append(f"{case}: {path}: file is missing")
+            elif not path.is_file():
+                problems.append(f"{case}: {path}: is not a file")
+    if folds is not None and len(set(wanted)) < folds:
+        problems.append(
+            f"{root}: {len(set(wanted))} cases found, fewer than the {folds} folds "
+            "(every fold needs at least one validation case)"
+        )
+    return problems
+
+
+def _raw_pixdim(path: Path) -> tuple[float, float, float] | None:
+    """The spacing exactly as stored (nibabel silently replaces 0 by 1 and takes abs())."""
+    try:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as fh:
+            hdr = nib.Nifti1Header.from_fileobj(fh, check=False)
+        return tuple(float(z) for z in hdr["pixdim"][1:4])
+    except Exception:
+        return None
+
+
+def _gzip_problem(path: Path) -> str | None:
+    """Read a .gz to its end: a truncated stream or a bad CRC shows only there (nibabel stops
+    reading once it has the voxels it needs)."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"truncated or corrupt gzip ({type(exc).__name__}: {exc})"
+    return None
+
+
 def validate_case(root: str | Path, case: str) -> list[str]:
     """All problems of one case, one line each (empty list = the case is usable)."""
     problems: list[str] = []
     vols = {}
-    for kind, path in (("image", image_path(root, case)), ("label", label_path(root, case))):
+    paths = {"image": image_path(root, case), "label": label_path(root, case)}
+    for kind, path in paths.items():
+        if path.is_file() and path.name.endswith(".gz") and (bad := _gzip_problem(path)):
+            problems.append(f"{case}: {path}: {bad}")
+            continue
         try:
             vols[kind] = load_volume(path, case)
         except KitsnetError as exc:
             problems.append(str(exc))
+    for kind, vol in vols.items():
+        path = paths[kind]
+        raw = _raw_pixdim(path) or vol.spacing
+        column_norms = np.linalg.norm(vol.affine[:3, :3], axis=0)
+        if any(not np.isfinite(s) or s <= 0 for s in raw):
+            problems.append(f"{case}: {path}: non-positive or undefined voxel spacing {raw} mm")
+        elif any(s < SPACING_MIN_MM or s > SPACING_MAX_MM for s in raw):
+            problems.append(
+                f"{case}: {path}: absurd voxel spacing {raw} mm "
+                f"(expected {SPACING_MIN_MM}-{SPACING_MAX_MM} mm)"
+            )
+        elif not np.isfinite(vol.affine).all() or abs(np.linalg.det(vol.affine[:3, :3])) < 1e-9:
+            problems.append(f"{case}: {path}: affine is singular or not finite")
+        elif not np.allclose(column_norms, vol.spacing, rtol=1e-3, atol=1e-4):
+            problems.append(
+                f"{case}: {path}: header spacing {vol.spacing} mm disagrees with the affine's "
+                f"{tuple(round(float(s), 4) for s in column_norms)} mm"
+            )
     img, lab = vols.get("image"), vols.get("label")
     if img is not None:
-        path = image_path(root, case)
-        if any(not np.isfinite(s) or s <= 0 or s > 20 for s in img.spacing):
-            problems.append(f"{case}: {path}: absurd voxel spacing {img.spacing} mm")
-        arr = np.asarray(img.array, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            problems.append(f"{case}: {path}: image contains NaN or inf intensities")
-        else:
+        path = paths["image"]
+        arr = img.array
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            problems.append(f"{case}: {path}: image contains {n_bad} NaN or inf intensities")
+        elif arr.size:
             lo, hi = float(arr.min()), float(arr.max())
-            if lo < HU_MIN_PLAUSIBLE or hi > HU_MAX_PLAUSIBLE or hi - lo < 200:
+            if lo < HU_MIN_PLAUSIBLE or lo > HU_AIR_MAX or hi > HU_MAX_PLAUSIBLE or hi - lo < 200:
                 problems.append(
-                    f"{case}: {path}: intensities [{lo:.1f}, {hi:.1f}] are not plausible CT in HU"
+                    f"{case}: {path}: intensities [{lo:.1f}, {hi:.1f}] are not plausible CT in "
+                    f"HU (expected air near -1000 HU, all values within "
+                    f"[{HU_MIN_PLAUSIBLE:.0f}, {HU_MAX_PLAUSIBLE:.0f}])"
                 )
     if lab is not None:
-        path = label_path(root, case)
+        path = paths["label"]
         values = np.unique(np.asarray(lab.array))
-        bad = [int(v) for v in values if v not in LABELS]
+        bad = [v.item() for v in values if not (float(v).is_integer() and int(v) in LABELS)]
         if bad:
-            problems.append(f"{case}: {path}: label values {bad} outside {{0,1,2,3}}")
+            shown = ", ".join(f"{v:g}" for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
+            problems.append(f"{case}: {path}: label values [{shown}] outside {{0,1,2,3}}")
         if not np.isin(values, (1, 2, 3)).any():
             problems.append(f"{case}: {path}: no kidney label (1, 2 or 3) in the segmentation")
     if img is not None and lab is not None:
         if img.array.shape != lab.array.shape:
             problems.append(
-                f"{case}: {label_path(root, case)}: shape {lab.array.shape} differs from "
+                f"{case}: {paths['label']}: shape {lab.array.shape} differs from "
                 f"image shape {img.array.shape}"
             )
         elif not np.allclose(img.affine, lab.affine, atol=1e-4):
-            problems.append(f"{case}: {label_path(root, case)}: affine differs from the image's")
+            problems.append(f"{case}: {paths['label']}: affine differs from the image's")
     return problems
 
 
 def validate_dataset(root: str | Path, cases: list[str] | None = None, folds: int = 5) -> dict:
     """Check every case and return a verdict; raise listing *all* problems if any is found."""
     root = Path(root)
-    found = list_cases(root)
-    stray = sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith("case") and not CASE_RE.fullmatch(p.name)
-    )
-    problems = [f"{name}: {root / name}: malformed case id" for name in stray]
-    wanted = found if cases is None else cases
+    if not root.is_dir():
+        raise KitsnetError(f"{root}: data root is missing or not a folder")
+    problems = check_layout(root, cases, folds)
+    wanted = list_cases(root) if cases is None else list(dict.fromkeys(cases))
     for case in wanted:
-        problems.extend(validate_case(root, case))
-    if len(wanted) < folds:
-        problems.append(f"{root}: {len(wanted)} cases found, fewer than the {folds} folds")
+        if CASE_RE.fullmatch(str(case)) and (root / case).is_dir():
+            problems.extend(validate_case(root, case))
+    problems = list(dict.fromkeys(problems))  # a missing file is seen by both layers
     if problems:
         raise KitsnetError(
             f"dataset {root} has {len(problems)} problem(s):\n" + "\n".join(problems)

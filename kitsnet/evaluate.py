@@ -18,18 +18,20 @@ numbers much faster:
 
 1. One reduction over the slowest memory axis of each volume gives both the label check and the
    extent of the foreground along that axis; a second reduction over that slab only gives the
-   other two extents.  Everything after that works on the bounding box of both label maps.
+   other two extents.  Everything after that works on the bounding box of both label maps.  (The
+   official code builds each class mask on the whole volume, label by label, and counts it
+   several times: about 80% of its run time on KiTS21 volumes.)
 2. Surfels are found exactly as the package finds them (``scipy.ndimage.correlate`` with the
    package's kernel on a zero-padded crop; the package itself crops to the bounding box and pads
    with zeros, so the crop changes nothing but a translation) and weighted with the package's
    own area table.
-3. Instead of a Euclidean distance transform of the whole bounding box (most of the official
-   run time), each surfel looks for a surfel of the other mask among the few voxel offsets whose
-   distance is within the tolerance.  Those offsets are selected with the same floating-point
-   expression scipy's ``distance_transform_edt`` uses (offset × sampling, squared, summed over
-   axes in order, square root), so ``distance <= tolerance`` is decided the same way.  The only
-   numerical difference left is the order in which surfel areas are summed (the package sums them
-   sorted by distance), i.e. a few ulps, far below the required 1e-9.
+3. Instead of a Euclidean distance transform of the whole per-class bounding box (most of the
+   package's time), each surfel looks for a surfel of the other mask among the few voxel
+   offsets whose distance is within the tolerance.  Those offsets are selected with the same
+   floating-point expression scipy's ``distance_transform_edt`` uses (offset x sampling,
+   squared, summed over axes in order, square root), so ``distance <= tolerance`` is decided
+   the same way.  The only numerical difference left is the order in which surfel areas are
+   summed (the package sums them sorted by distance): a few ulps, far below the required 1e-9.
 
 For a spacing so fine that the tolerance spans many voxels the offset list would grow large; then
 the package itself is run on the per-class crop (still exact, just slower).
@@ -317,7 +319,9 @@ def _mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 @functools.lru_cache(maxsize=64)
 def _surfel_area_table(spacing: tuple[float, float, float]) -> np.ndarray:
     """The package's neighbour-code -> surfel-area table (256 entries), cached per spacing."""
-    return sd_lookup_tables.create_table_neighbour_code_to_surface_area(spacing)
+    table = sd_lookup_tables.create_table_neighbour_code_to_surface_area(spacing)
+    table.flags.writeable = False  # shared through the cache
+    return table
 
 
 @functools.lru_cache(maxsize=64)
@@ -340,7 +344,9 @@ def _offsets_within(spacing: tuple[float, float, float], tolerance: float) -> np
     dist = np.sqrt(np.add.reduce(dt, axis=0))
     keep = dist <= tolerance
     order = np.argsort(dist[keep], kind="stable")
-    return offsets[:, keep].T[order]
+    result = np.ascontiguousarray(offsets[:, keep].T[order])
+    result.flags.writeable = False  # shared through the cache
+    return result
 
 
 def _neighbour_codes(mask: np.ndarray, pad: Sequence[int], kernel: np.ndarray) -> np.ndarray:

@@ -148,7 +148,12 @@ def logits_to_original(logits: np.ndarray, geometry: dict, plan: dict) -> np.nda
     seg = np.zeros(shape, dtype=np.uint8)
     for c in range(logits.shape[0]):
         chan = resample(
-            logits[c], shape, 1, geometry["original_spacing"], plan["anisotropy_threshold"]
+            logits[c],
+            shape,
+            1,
+            plan.get("spacing"),
+            plan["anisotropy_threshold"],
+            new_spacing=geometry["original_spacing"],
         )
         better = chan > best
         seg[better] = c

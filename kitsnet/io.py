@@ -28,6 +28,7 @@ __all__ = [
     "Volume",
     "KitsnetError",
     "atomic_path",
+    "remove_stale_temporaries",
     "load_volume",
     "save_volume",
     "save_json",
@@ -50,19 +51,24 @@ class Volume:
     header: nib.Nifti1Header | None = None
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name.split('.')[0]}."
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     The suffix is kept (``.nii.gz``, ``.npz``...) so libraries that choose a format from the
-    file name still do the right thing.
+    file name still do the right thing.  ``durable=True`` also flushes the file and the folder
+    to disk (for checkpoints: whole after a power cut too, not only after a killed process).
+    A process killed inside the block leaves only a hidden temporary (see
+    :func:`remove_stale_temporaries`), never a partial ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent
-    )
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -71,18 +77,50 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
+        if durable:
+            _fsync(tmp_path)
         os.replace(tmp_path, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries that :func:`atomic_path` left for ``path`` in a killed process."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    suffix = "".join(path.suffixes)
+    stale = [
+        p
+        for p in path.parent.iterdir()
+        if p.name.startswith(_temporary_prefix(path)) and p.name.endswith(suffix) and p.is_file()
+    ]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_volume(path: str | os.PathLike[str], case: str | None = None) -> Volume:
     """Read a 3D NIfTI, raising :class:`KitsnetError` naming the case and file on failure."""
     path = Path(path)
     who = f"{case}: " if case else ""
-    if not path.is_file():
+    if not path.exists():
         raise KitsnetError(f"{who}{path}: file is missing")
+    if not path.is_file():
+        raise KitsnetError(f"{who}{path}: is not a file")
     try:
         img = nib.load(str(path))
         array = np.asanyarray(img.dataobj)
@@ -158,12 +196,14 @@ def log_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
     ):
         try:
             yield
-        except Exception:
+        except Exception as exc:
             traceback.print_exc(file=fh)
             fh.flush()
-            # also tell the console, so a failing job's reason is visible without the log
-            print(
-                f"see {path}: {traceback.format_exc().strip().splitlines()[-1]}",
-                file=sys.__stderr__,
-            )
+            # also tell the console, so a failing job's reason is visible without the log:
+            # all of a KitsnetError (it may list many problems, one a line), else the last line
+            if isinstance(exc, KitsnetError):
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                reason = traceback.format_exc().strip().splitlines()[-1]
+            print(f"see {path}: {reason}", file=sys.__stderr__, flush=True)
             raise

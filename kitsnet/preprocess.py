@@ -4,11 +4,14 @@ One resampling function serves both directions (to the plan's spacing and back t
 grid), so geometry round-trips by construction: voxel centres are aligned (``grid_mode``), so an
 image resampled to another spacing and back covers the same physical extent.
 
-Images: third-order spline.  Masks: each label resampled linearly as a binary map and
-thresholded at 0.5 (label-safe: no label can appear that is not in the input).  Anisotropic
-cases (slice spacing > ``threshold`` x in-plane) are resampled in-plane with that order and
-with nearest neighbour along the slice axis, as nnU-Net does, to avoid spline ringing across
-thick slices.
+The arithmetic is nnU-Net v2's ``default_resampling`` (checked against it in
+``tests/test_preprocess_nnunet.py``): spline zoom with edge replication, no anti-aliasing, and
+the output clipped to the input's value range (skimage ``resize(clip=True)``, which removes
+cubic over- and undershoot).  Images: third-order spline.  Masks: each label's indicator
+resampled linearly, arg-maxed over labels (label-safe: no label can appear that is not in the
+input).  Anisotropic cases (slice spacing > ``threshold`` x in-plane on either grid, with a
+single coarsest axis) are resampled slice by slice in-plane with that order and with nearest
+neighbour along the slice axis, to avoid spline ringing across thick slices.
 """
 
 from __future__ import annotations
@@ -22,70 +25,133 @@ from .io import load_volume, save_json
 
 N_CLASS_LOCATIONS = 10000  # foreground voxels remembered per class for oversampling
 
+Spacing = tuple[float, ...] | list[float]
 
-def _is_anisotropic(spacing: tuple[float, ...] | list[float], threshold: float) -> bool:
-    return max(spacing) / min(spacing) > threshold
+
+def _lowres_axis(spacing: Spacing, threshold: float) -> int | None:
+    """The single coarsest axis of an anisotropic spacing (max/min > threshold), else None.
+
+    As nnU-Net: two axes tied for the coarsest (e.g. 0.24 x 1.25 x 1.25) mean no separate axis.
+    """
+    sp = np.asarray(spacing, dtype=float)
+    if not sp.max() / sp.min() > threshold:
+        return None
+    axes = np.where(sp.max() / sp == 1)[0]
+    return int(axes[0]) if len(axes) == 1 else None
+
+
+def separate_z_axis(
+    spacing: Spacing | None, new_spacing: Spacing | None = None, threshold: float = 3.0
+) -> int | None:
+    """nnU-Net's separate-z rule: the current grid decides if it is anisotropic, else the new."""
+    for sp in (spacing, new_spacing):
+        if sp is not None and np.max(sp) / np.min(sp) > threshold:
+            return _lowres_axis(sp, threshold)
+    return None
+
+
+def _zoom_clipped(
+    chan: np.ndarray, new_shape: tuple[int, ...], order: int, dtype: type
+) -> np.ndarray:
+    """skimage ``resize(order, mode='edge', anti_aliasing=False, clip=True)``, as nnU-Net.
+
+    ndimage interpolates in float64 whatever the in/out dtypes; clipping after the cast to
+    ``dtype`` gives the same values as clipping before it, since the bounds are input values.
+    """
+    zoom = [n / o for n, o in zip(new_shape, chan.shape, strict=True)]
+    out = ndimage.zoom(chan, zoom, order=order, mode="nearest", grid_mode=True, output=dtype)
+    return np.clip(out, chan.min(), chan.max(), out=out)
+
+
+def _resample_channel(
+    chan: np.ndarray, new_shape: tuple[int, ...], order: int, axis: int | None, dtype: type
+) -> np.ndarray:
+    if axis is None:
+        return _zoom_clipped(chan, new_shape, order, dtype)
+    inplane = tuple(s for a, s in enumerate(new_shape) if a != axis)
+    n_in = chan.shape[axis]
+    tmp = np.empty(new_shape[:axis] + (n_in,) + new_shape[axis + 1 :], dtype=dtype)
+    for i in range(n_in):
+        index = (slice(None),) * axis + (i,)
+        tmp[index] = _zoom_clipped(chan[index], inplane, order, dtype)
+    if n_in == new_shape[axis]:
+        return tmp
+    # Nearest neighbour along the slice axis, with nnU-Net's own coordinates (voxel centres
+    # aligned, edge replicated) so the chosen slices are the same ones.
+    scale = float(n_in) / new_shape[axis]
+    coords = scale * (np.arange(new_shape[axis]) + 0.5) - 0.5
+    src = ndimage.map_coordinates(
+        np.arange(n_in, dtype=np.float64), coords[None], order=0, mode="nearest"
+    )
+    return np.take(tmp, src.astype(np.intp), axis=axis)
 
 
 def resample(
     array: np.ndarray,
     new_shape: tuple[int, ...] | list[int],
     order: int,
-    spacing: tuple[float, ...] | list[float] | None = None,
+    spacing: Spacing | None = None,
     anisotropy_threshold: float = 3.0,
+    new_spacing: Spacing | None = None,
+    dtype: type = np.float32,
 ) -> np.ndarray:
-    """Resample a (C, *S) or (*S) float array to ``new_shape`` (spatial), float32 out.
+    """Resample a (C, *S) or (*S) float array to ``new_shape`` (spatial), ``dtype`` out.
 
-    ``spacing`` is the spacing of the *coarser* of the two grids (original for preprocessing,
-    original for export), used only to decide the anisotropic treatment.
+    ``spacing`` is the spacing of the array's grid and ``new_spacing`` (optional) that of the
+    target grid; they only decide the anisotropic treatment (see :func:`separate_z_axis`).
+    Interpolation runs in float64 (as nnU-Net's); the result is stored as ``dtype``.
     """
     squeeze = array.ndim == len(new_shape)
     data = array[None] if squeeze else array
     new_shape = tuple(int(s) for s in new_shape)
-    out = np.empty((data.shape[0], *new_shape), dtype=np.float32)
-    aniso_axis = None
-    if spacing is not None and _is_anisotropic(spacing, anisotropy_threshold):
-        aniso_axis = int(np.argmax(spacing))
+    out = np.empty((data.shape[0], *new_shape), dtype=dtype)
+    axis = separate_z_axis(spacing, new_spacing, anisotropy_threshold)
     for c in range(data.shape[0]):
-        chan = np.asarray(data[c], dtype=np.float32)
-        if tuple(chan.shape) == new_shape:
-            out[c] = chan
-            continue
-        zoom = [n / o for n, o in zip(new_shape, chan.shape, strict=True)]
-        if aniso_axis is None:
-            out[c] = ndimage.zoom(
-                chan, zoom, order=order, mode="nearest", grid_mode=True, output=np.float32
-            )
+        if tuple(data[c].shape) == new_shape:
+            out[c] = data[c]
         else:
-            inplane = [1.0 if a == aniso_axis else z for a, z in enumerate(zoom)]
-            along = [zoom[a] if a == aniso_axis else 1.0 for a in range(len(zoom))]
-            tmp = ndimage.zoom(
-                chan, inplane, order=order, mode="nearest", grid_mode=True, output=np.float32
-            )
-            out[c] = ndimage.zoom(
-                tmp, along, order=0, mode="nearest", grid_mode=True, output=np.float32
-            )
+            out[c] = _resample_channel(np.asarray(data[c]), new_shape, order, axis, dtype)
     return out[0] if squeeze else out
 
 
 def resample_labels(
     seg: np.ndarray,
     new_shape: tuple[int, ...] | list[int],
-    spacing: tuple[float, ...] | list[float] | None = None,
+    spacing: Spacing | None = None,
     anisotropy_threshold: float = 3.0,
+    new_spacing: Spacing | None = None,
 ) -> np.ndarray:
-    """Label-safe resampling: each label as a linearly resampled binary map, threshold 0.5."""
+    """Label-safe resampling as nnU-Net v2 (batchgenerators ``resize_segmentation``, order 1).
+
+    Each label's indicator is resampled linearly and every voxel takes the label with the
+    largest score, so only input labels appear and no voxel is left unlabelled where three
+    labels meet.  Exact ties (a sample point halfway between two labels) go to the nearest
+    neighbour's label when it is one of the tied ones, else to the smallest tied label.
+    """
     new_shape = tuple(int(s) for s in new_shape)
+    seg = np.asarray(seg)
     if tuple(seg.shape) == new_shape:
         return seg.astype(np.uint8)
-    out = np.zeros(new_shape, dtype=np.uint8)
-    for label in np.unique(seg):
-        if label == 0:
+    labels = np.unique(seg)
+    if len(labels) == 1:
+        return np.full(new_shape, labels[0], dtype=np.uint8)
+    geom = (spacing, anisotropy_threshold, new_spacing)
+    nearest = resample(seg.astype(np.float32), new_shape, 0, *geom).astype(np.uint8)
+    out = np.empty(new_shape, dtype=np.uint8)
+    best = nn_top = None
+    for label in labels:
+        score = resample((seg == label).astype(np.float32), new_shape, 1, *geom, dtype=np.float64)
+        is_nn = nearest == label
+        if best is None:
+            best, nn_top = score, is_nn & (score > 0)
+            out[:] = label
             continue
-        mask = resample(
-            (seg == label).astype(np.float32), new_shape, 1, spacing, anisotropy_threshold
-        )
-        out[mask >= 0.5] = label
+        nn_top |= (score == best) & (score > 0) & is_nn
+        better = score > best
+        nn_top[better] = is_nn[better]
+        out[better] = label
+        np.maximum(best, score, out=best)
+    out[nn_top] = nearest[nn_top]
     return out
 
 
@@ -117,7 +183,9 @@ def preprocess_image(
 
     shape = target_shape(image.shape, list(spacing), plan["spacing"])
     norm = normalize_ct(image, plan["normalization"])
-    return resample(norm, shape, 3, spacing, plan["anisotropy_threshold"])[None]
+    return resample(
+        norm, shape, 3, spacing, plan["anisotropy_threshold"], new_spacing=plan["spacing"]
+    )[None]
 
 
 def geometry_of(vol, case: str) -> dict:
@@ -157,7 +225,11 @@ def preprocess_case(
     image = preprocess_image(np.asarray(img.array), img.spacing, plan)
     shape = target_shape(img.array.shape, list(img.spacing), plan["spacing"])
     seg = resample_labels(
-        np.asarray(lab.array).astype(np.uint8), shape, img.spacing, plan["anisotropy_threshold"]
+        np.asarray(lab.array).astype(np.uint8),
+        shape,
+        img.spacing,
+        plan["anisotropy_threshold"],
+        new_spacing=plan["spacing"],
     )
     rng = np.random.default_rng([seed, int(case.split("_")[1])])
     props = geometry_of(img, case)

@@ -2,17 +2,37 @@
 SGD with a poly schedule, per-epoch logging, checkpoints and resume.
 
 Every number comes from the plan (patch, batch, network) or the ``training`` / ``augmentation``
-sections of the config.  A job restarted after a kill resumes from ``checkpoint_latest.pt``
-(model, optimiser, RNG states and the logged history), so the epoch count and the history have
-no gap and no repeat.
+sections of the config.
+
+Checkpoints and resume.  Every ``checkpoint_every`` epochs (and at the last) the whole training
+state -- model, optimiser, RNG states, logged history, EMA, the best model's weights -- goes to
+``checkpoint_latest.pt``, written under a temporary name, flushed and renamed; the checkpoint it
+replaces is kept as ``checkpoint_previous.pt``.  A job restarted after a kill at any moment
+resumes from the newest checkpoint that loads (a truncated or unreadable one is reported and
+the previous one used), so the epoch count and the history have no gap and no repeat, and on
+the CPU the resumed run is bit-identical to an uninterrupted one.  A checkpoint made with other
+settings or other input data is not resumed: training starts over.  On SIGTERM (SLURM
+preemption, ``scancel``) the current iteration finishes, a checkpoint of the exact position
+inside the epoch is written and the job exits with :class:`TrainingInterrupted`; the rerun
+continues from that iteration.  ``model_final.pt`` and ``model_best.pt`` are written at the end.
+
+Test hook: ``KITSNET_FAULT=POINT[:key=value,...]`` makes training kill itself (SIGKILL, or the
+signal named by ``signal=TERM``) at POINT: ``after_iteration`` (keys ``epoch``, ``iteration``),
+``during_checkpoint_write`` (``epoch``; half of the checkpoint's bytes written) or
+``between_epochs`` (``epoch``; after that epoch's log and checkpoint).  See
+tests/test_fault_injection.py.  Without the variable the hook does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io as _io
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -21,9 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from .augment import augment_batch, cascade_binary_ops, remove_random_components
-from .io import KitsnetError, atomic_path, load_json
+from .io import KitsnetError, atomic_path, load_json, remove_stale_temporaries
 from .network import build_network
 
+_CASE_FILES = ("_image.npy", "_seg.npy", ".json")
 LOG_COLUMNS = [
     "epoch",
     "train_loss",
@@ -188,9 +209,48 @@ def total_loss(outputs, target: torch.Tensor, weights: list[float], batch_dice: 
 
 
 # ----------------------------------------------------------------------------- checkpoints
+CHECKPOINT = "checkpoint_latest.pt"
+PREVIOUS_CHECKPOINT = "checkpoint_previous.pt"
+_CHECKPOINT_KEYS = ("model", "optimizer", "history", "torch_rng", "gen_rng", "numpy_rng")
+# what does not change the result of an epoch: where it runs, how often it is saved, and the
+# number of epochs (a finished run may be extended; the poly schedule follows the new total)
+_NOT_FINGERPRINTED = ("device", "threads", "checkpoint_every", "epochs")
+
+
+class TrainingInterrupted(KitsnetError):
+    """Training stopped on SIGTERM after writing a checkpoint; rerunning the job resumes it."""
+
+
+def _fault(point: str, **where: int) -> None:
+    """Test hook (see the module docstring): kill this process at ``point`` when asked to."""
+    spec = os.environ.get("KITSNET_FAULT")
+    if not spec:
+        return
+    name, _, args = spec.partition(":")
+    want = dict(kv.split("=", 1) for kv in args.split(",") if kv)
+    sig = getattr(signal, "SIG" + want.pop("signal", "KILL"))
+    if name == point and all(str(where.get(k)) == v for k, v in want.items()):
+        os.kill(os.getpid(), sig)
+
+
 def _save_torch(obj: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def _save_checkpoint_file(obj: dict, path: Path, previous: Path, epoch: int) -> None:
+    """Write ``path`` whole (temporary + fsync + rename), keeping the one it replaces."""
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    with atomic_path(path, durable=True) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            _fault("during_checkpoint_write", epoch=epoch)
+            fh.write(data[len(data) // 2 :])
+        if path.exists():
+            os.replace(path, previous)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -199,6 +259,90 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise KitsnetError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def load_resumable_checkpoint(out_dir: Path, fingerprint: str, log=print) -> dict | None:
+    """The newest checkpoint of ``out_dir`` that loads and was made with these settings.
+
+    ``checkpoint_latest.pt`` first, then ``checkpoint_previous.pt``.  An unreadable checkpoint
+    is reported and moved aside (so the next save cannot rotate it over the good one); checkpoints
+    of other settings are deleted and ``None`` returned (training starts over).
+    """
+    paths = [out_dir / CHECKPOINT, out_dir / PREVIOUS_CHECKPOINT]
+    for path in paths:
+        remove_stale_temporaries(path)
+    for path in paths:
+        if not path.exists():
+            continue
+        try:
+            ck = load_checkpoint(path)
+            missing = [k for k in _CHECKPOINT_KEYS if k not in ck]
+            if missing:
+                raise KitsnetError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
+        except KitsnetError as exc:
+            aside = path.with_name(path.name + ".unreadable")
+            log(f"{exc}; moved to {aside.name}, trying the previous checkpoint")
+            os.replace(path, aside)
+            continue
+        if ck.get("fingerprint") != fingerprint:
+            log(f"{path} was made with other settings or input data; starting over")
+            for p in paths:
+                p.unlink(missing_ok=True)
+            return None
+        if path.name == PREVIOUS_CHECKPOINT:
+            os.replace(path, paths[0])  # the next save keeps it as the previous one
+            ck["_path"] = str(paths[0])
+        else:
+            ck["_path"] = str(path)
+        return ck
+    return None
+
+
+def settings_fingerprint(
+    plan: dict,
+    split: dict,
+    fold: int,
+    seed: int,
+    training: dict,
+    augmentation: dict,
+    input_files: list[Path],
+) -> str:
+    """What a checkpoint must have been made with to be resumed: the settings and the inputs
+    (name, size and modification time of every file training reads)."""
+    files = []
+    for f in sorted(input_files):
+        st = f.stat()
+        files.append([str(f), st.st_size, st.st_mtime_ns])
+    blob = {
+        "plan": plan,
+        "split": split,
+        "fold": fold,
+        "seed": seed,
+        "training": {k: v for k, v in training.items() if k not in _NOT_FINGERPRINTED},
+        "augmentation": augmentation,
+        "inputs": files,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """While training, SIGTERM only sets a flag; the loop checkpoints and stops at the next
+    iteration boundary.  Outside the main thread the default handling is left alone."""
+    flag: dict[str, int | None] = {"signal": None}
+
+    def handler(signum, frame):
+        flag["signal"] = signum
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        yield flag
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _write_log(history: list[dict], path: Path) -> None:
@@ -232,7 +376,10 @@ def train_fold(
     log=print,
 ) -> dict:
     """Train one configuration on one fold; writes model_final.pt, model_best.pt,
-    checkpoint_latest.pt and training_log.csv into ``out_dir``."""
+    checkpoint_latest.pt (+ checkpoint_previous.pt) and training_log.csv into ``out_dir``.
+
+    Resumes from the checkpoints in ``out_dir`` when they exist (see the module docstring);
+    raises :class:`TrainingInterrupted` after checkpointing when SIGTERM arrives."""
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
@@ -257,17 +404,30 @@ def train_fold(
     n_prev = plan["num_classes"] - 1 if plan.get("previous_stage") else 0
     history: list[dict] = []
     ema, best = None, -math.inf
-    ckpt_path = out_dir / "checkpoint_latest.pt"
-    if ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
+    best_state, best_epochs = None, 0
+    # position inside an epoch when the last checkpoint was written on SIGTERM
+    partial: dict = {}
+    ckpt_path, previous_path = out_dir / CHECKPOINT, out_dir / PREVIOUS_CHECKPOINT
+    inputs = [data_dir / f"{c}{x}" for c in split["train"] + split["val"] for x in _CASE_FILES]
+    if prev:
+        inputs += [find_previous_stage(c, prev) for c in split["train"] + split["val"]]
+    fingerprint = settings_fingerprint(plan, split, fold, seed, training, augmentation, inputs)
+    for name in ("model_final.pt", "model_best.pt", "training_log.csv"):
+        remove_stale_temporaries(out_dir / name)  # left by a killed run
+    ck = load_resumable_checkpoint(out_dir, fingerprint, log)
+    if ck is not None:
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         history = json.loads(ck["history"])
         ema, best = ck["ema"], ck["best"]
+        best_state, best_epochs = ck.get("best_model"), int(ck.get("best_epochs", 0))
+        partial = json.loads(ck.get("partial_epoch") or "{}")
         torch.set_rng_state(ck["torch_rng"])
         gen.set_state(ck["gen_rng"])
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
-        log(f"resumed from {ckpt_path} after epoch {len(history)}")
+        where = f", iteration {partial['iteration']}" if partial else ""
+        log(f"resumed from {ck['_path']} after epoch {len(history)}{where}")
+    del ck
 
     patch = list(plan["patch_size"])
     # max_patch_growth is the sampler's setting, cascade_* act on the previous-stage channels;
@@ -294,98 +454,132 @@ def train_fold(
     use_amp = dev.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
 
-    def save_checkpoint() -> None:
-        _save_torch(
+    def save_checkpoint(epoch: int, partial_epoch: dict | None = None) -> None:
+        _save_checkpoint_file(
             {
                 "model": net.state_dict(),
                 "optimizer": opt.state_dict(),
                 "history": json.dumps(history),
                 "ema": ema,
                 "best": best,
+                "best_model": best_state,
+                "best_epochs": best_epochs,
+                "partial_epoch": json.dumps(partial_epoch) if partial_epoch else "",
                 "torch_rng": torch.get_rng_state(),
                 "gen_rng": gen.get_state(),
                 "numpy_rng": json.dumps(rng.bit_generator.state),
+                "fingerprint": fingerprint,
             },
             ckpt_path,
+            previous_path,
+            epoch,
         )
 
-    def save_model(path: Path) -> None:
+    def save_model(path: Path, state: dict, n_epochs: int) -> None:
         _save_torch(
-            {
-                "state_dict": net.state_dict(),
-                "plan": json.dumps(plan),
-                "fold": fold,
-                "epochs": len(history),
-            },
+            {"state_dict": state, "plan": json.dumps(plan), "fold": fold, "epochs": n_epochs},
             path,
         )
 
-    for epoch in range(len(history), epochs):
-        t0 = time.perf_counter()
-        lr = training["initial_lr"] * (1 - epoch / epochs) ** training["poly_exponent"]
-        for g in opt.param_groups:
-            g["lr"] = lr
-        net.train()
-        losses = []
-        for _ in range(int(training["iterations_per_epoch"])):
-            img, seg = train_sampler.sample(batch, n_prev)
-            img_t, seg_t = augment_batch(
-                torch.from_numpy(img),
-                torch.from_numpy(seg),
-                patch,
-                aug,
-                gen,
-                n_intensity_channels=img.shape[1] - n_prev,
+    n_iter = int(training["iterations_per_epoch"])
+    with _sigterm_flag() as stop:
+        for epoch in range(len(history), epochs):
+            resume = partial if partial.get("epoch") == epoch else {}
+            t0 = time.perf_counter() - float(resume.get("elapsed_s", 0.0))
+            lr = training["initial_lr"] * (1 - epoch / epochs) ** training["poly_exponent"]
+            for g in opt.param_groups:
+                g["lr"] = lr
+            net.train()
+            losses = list(resume.get("losses", []))
+            for it in range(int(resume.get("iteration", 0)), n_iter):
+                img, seg = train_sampler.sample(batch, n_prev)
+                img_t, seg_t = augment_batch(
+                    torch.from_numpy(img),
+                    torch.from_numpy(seg),
+                    patch,
+                    aug,
+                    gen,
+                    n_intensity_channels=img.shape[1] - n_prev,
+                )
+                if n_prev:
+                    img_t[:, -n_prev:] = _augment_previous_stage(
+                        img_t[:, -n_prev:], augmentation, gen
+                    )
+                img_t, seg_t = img_t.to(dev), seg_t.long().to(dev)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                    out = net(img_t)
+                loss = total_loss(out, seg_t, weights, batch_dice)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), training["grad_clip"])
+                opt.step()
+                losses.append(float(loss.detach()))
+                _fault("after_iteration", epoch=epoch, iteration=it)
+                if stop["signal"] is not None and it + 1 < n_iter:
+                    position = {
+                        "epoch": epoch,
+                        "iteration": it + 1,
+                        "losses": losses,
+                        "elapsed_s": time.perf_counter() - t0,
+                    }
+                    save_checkpoint(epoch, position)
+                    raise TrainingInterrupted(
+                        f"{out_dir}: stopped by signal {stop['signal']} in epoch {epoch} after "
+                        f"iteration {it}; checkpoint written, rerun to resume"
+                    )
+            val_loss, dice = _validate(
+                net,
+                val_sampler,
+                batch,
+                n_prev,
+                int(training["val_iterations"]),
+                weights,
+                batch_dice,
+                dev,
+                plan["num_classes"],
             )
-            if n_prev:
-                img_t[:, -n_prev:] = _augment_previous_stage(img_t[:, -n_prev:], augmentation, gen)
-            img_t, seg_t = img_t.to(dev), seg_t.long().to(dev)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                out = net(img_t)
-            loss = total_loss(out, seg_t, weights, batch_dice)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), training["grad_clip"])
-            opt.step()
-            losses.append(float(loss.detach()))
-        val_loss, dice = _validate(
-            net,
-            val_sampler,
-            batch,
-            n_prev,
-            int(training["val_iterations"]),
-            weights,
-            batch_dice,
-            dev,
-            plan["num_classes"],
-        )
-        ema = (
-            dice
-            if ema is None
-            else training["ema_alpha"] * ema + (1 - training["ema_alpha"]) * dice
-        )
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": float(np.mean(losses)),
-                "val_loss": val_loss,
-                "pseudo_dice": dice,
-                "ema_pseudo_dice": ema,
-                "lr": lr,
-                "epoch_time_s": time.perf_counter() - t0,
-            }
-        )
-        log(
-            f"epoch {epoch}: train {np.mean(losses):.4f} val {val_loss:.4f} "
-            f"dice {dice:.4f} ema {ema:.4f} ({history[-1]['epoch_time_s']:.1f}s)"
-        )
-        if ema > best:
-            best = ema
-            save_model(out_dir / "model_best.pt")
-        _write_log(history, out_dir / "training_log.csv")
-        if (epoch + 1) % int(training["checkpoint_every"]) == 0 or epoch + 1 == epochs:
-            save_checkpoint()
-    save_model(out_dir / "model_final.pt")
+            ema = (
+                dice
+                if ema is None
+                else training["ema_alpha"] * ema + (1 - training["ema_alpha"]) * dice
+            )
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": float(np.mean(losses)),
+                    "val_loss": val_loss,
+                    "pseudo_dice": dice,
+                    "ema_pseudo_dice": ema,
+                    "lr": lr,
+                    "epoch_time_s": time.perf_counter() - t0,
+                }
+            )
+            log(
+                f"epoch {epoch}: train {np.mean(losses):.4f} val {val_loss:.4f} "
+                f"dice {dice:.4f} ema {ema:.4f} ({history[-1]['epoch_time_s']:.1f}s)"
+            )
+            if ema > best:
+                best, best_epochs = ema, len(history)
+                best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()
+                }
+            _write_log(history, out_dir / "training_log.csv")
+            if (
+                (epoch + 1) % int(training["checkpoint_every"]) == 0
+                or epoch + 1 == epochs
+                or stop["signal"] is not None
+            ):
+                save_checkpoint(epoch)
+            if stop["signal"] is not None and epoch + 1 < epochs:
+                raise TrainingInterrupted(
+                    f"{out_dir}: stopped by signal {stop['signal']} after epoch {epoch}; "
+                    "checkpoint written, rerun to resume"
+                )
+            _fault("between_epochs", epoch=epoch)
+    if best_state is None:  # no epoch improved on -inf: only if there were no epochs at all
+        best_state, best_epochs = net.state_dict(), len(history)
+    save_model(out_dir / "model_best.pt", best_state, best_epochs)
+    save_model(out_dir / "model_final.pt", net.state_dict(), len(history))
     return {"epochs": len(history), "best_ema_pseudo_dice": best}
 
 

@@ -1,3 +1,4 @@
+import math
 import os
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ min_version("9.0")
 
 # kitsnet is imported from this checkout so the workflow and the installed CLI never disagree.
 sys.path.insert(0, workflow.basedir)
-from kitsnet.dataset import list_cases, check_case_id  # noqa: E402
+from kitsnet.dataset import list_cases, check_case_id, check_layout  # noqa: E402
 from kitsnet.plan import DATA_OF, PREVIOUS_STAGE  # noqa: E402
 
 validate(config, "../config/schema.yaml")
@@ -28,14 +29,17 @@ def discover_cases():
     if SYNTHETIC:
         return [f"case_{i:05d}" for i in range(int(SYNTHETIC["cases"]))]
     if not os.path.isdir(DATA_ROOT):
-        raise WorkflowError(f"data_root: {DATA_ROOT!r} is not a folder")
-    found = list_cases(DATA_ROOT)
-    if len(found) < len(FOLDS):
+        raise WorkflowError(f"data_root: {DATA_ROOT!r} is missing or not a folder")
+    # names and stat() only, so a broken layout stops the workflow before any job; the
+    # validate_dataset rule reads every volume
+    problems = check_layout(DATA_ROOT, folds=len(FOLDS))
+    if problems:
         raise WorkflowError(
-            f"data_root: {DATA_ROOT!r} holds {len(found)} case_XXXXX folders, "
-            f"fewer than folds={len(FOLDS)}"
+            f"data_root: {DATA_ROOT!r} has {len(problems)} problem(s) (folds={len(FOLDS)}):\n"
+            + "\n".join(problems)
+            + f"\n(`kitsnet validate {DATA_ROOT}` also checks the content of every case)"
         )
-    return found
+    return list_cases(DATA_ROOT)
 
 
 CASES = [check_case_id(c) for c in discover_cases()]
@@ -75,6 +79,11 @@ def training_inputs(wildcards):
     """What a (configuration, fold) needs: its plan, the splits, the preprocessed cases and,
     for the cascade, the previous stage's out-of-fold segmentations from all its folds.
     """
+    if int(wildcards.fold) not in FOLDS:
+        raise WorkflowError(
+            f"fold {wildcards.fold} is out of range: config 'folds' is {len(FOLDS)}, "
+            f"so folds are 0..{len(FOLDS) - 1}"
+        )
     inputs = {
         "plan": f"results/plans/{wildcards.config}.json",
         "splits": "results/dataset/splits.json",
@@ -88,8 +97,38 @@ def training_inputs(wildcards):
     return inputs
 
 
-def job_resources(kind, key, default):
-    return config.get("resources", {}).get(kind, {}).get(key, default)
+RESOURCES = config.get("resources") or {}
+RETRY_FACTOR = float(RESOURCES.get("retry_factor", 1.5))
+RESOURCE_CAPS = {
+    "mem_mb": RESOURCES.get("max_mem_mb"),
+    "runtime": RESOURCES.get("max_runtime"),
+}
+
+
+def resource_value(step, key, default, name, attempt=1):
+    """Resource ``key`` (gpu, mem_mb, runtime) of ``step`` for configuration (or grid) ``name``
+    from config ``resources``: ``resources.<step>.<name>.<key>``, else ``resources.<step>.<key>``,
+    else ``default``.  mem_mb and runtime (minutes) grow by ``resources.retry_factor`` per
+    attempt, up to ``max_mem_mb`` / ``max_runtime``, so a job that SLURM killed for memory or time
+    gets more on its retry (and training resumes from its checkpoint).
+    """
+    spec = RESOURCES.get(step) or {}
+    base = (spec.get(name) or {}).get(key, spec.get(key, default))
+    if key not in RESOURCE_CAPS:
+        return base
+    grown = math.ceil(base * RETRY_FACTOR ** (attempt - 1))
+    cap = RESOURCE_CAPS[key]
+    return int(max(base, min(grown, cap)) if cap else grown)
+
+
+def step_resource(step, key, default):
+    """The ``resources:`` callable of a rule: resource_value for the job's {config} or {data}."""
+
+    def value(wildcards, attempt):
+        name = wildcards.get("config") or wildcards.get("data")
+        return resource_value(step, key, default, name, attempt)
+
+    return value
 
 
 def threads_for_training():

@@ -10,7 +10,7 @@ if SYNTHETIC:
         benchmark:
             "results/benchmarks/synth/synth.tsv"
         conda:
-            "../envs/kitsnet.yaml"
+            "../envs/torch.yaml"
         params:
             out=lambda w, output: data_root_of(output.images),
             cases=int(SYNTHETIC["cases"]),
@@ -28,8 +28,13 @@ rule validate_dataset:
         "results/dataset/validated.json",
     log:
         "results/logs/validate_dataset/validate_dataset.log",
+    benchmark:
+        "results/benchmarks/validate_dataset/validate_dataset.tsv"
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/torch.yaml"
+    resources:
+        mem_mb=step_resource("fingerprint", "mem_mb", 4000),
+        runtime=step_resource("fingerprint", "runtime", 60),
     params:
         root=lambda w, input: data_root_of(input.images),
         cases=CASES,

@@ -11,8 +11,11 @@ rule evaluate:
     benchmark:
         "results/benchmarks/evaluate/{config}_fold{fold}.tsv"
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/evaluate.yaml"
     threads: config.get("evaluation", {}).get("jobs", 1)
+    resources:
+        mem_mb=step_resource("evaluate", "mem_mb", 4000),
+        runtime=step_resource("evaluate", "runtime", 60),
     params:
         jobs=config.get("evaluation", {}).get("jobs", 1),
     script:

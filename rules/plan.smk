@@ -11,7 +11,10 @@ rule fingerprint:
     benchmark:
         "results/benchmarks/fingerprint/fingerprint.tsv"
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/torch.yaml"
+    resources:
+        mem_mb=step_resource("fingerprint", "mem_mb", 4000),
+        runtime=step_resource("fingerprint", "runtime", 60),
     script:
         "../workflow_scripts/fingerprint.py"
 
@@ -25,7 +28,7 @@ rule plan:
     log:
         "results/logs/plan/{config}.log",
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/torch.yaml"
     params:
         cfg=lambda w: {"plan": config["plan"]},
     script:
@@ -41,7 +44,7 @@ rule splits:
     log:
         "results/logs/splits/splits.log",
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/torch.yaml"
     params:
         cases=CASES,
         folds=len(FOLDS),

@@ -14,12 +14,12 @@ rule predict_lowres:
     wildcard_constraints:
         config="3d_lowres",
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/torch.yaml"
     threads: threads_for_training()
     resources:
-        gpu=lambda w: job_resources("predict", "gpu", 1),
-        mem_mb=lambda w: job_resources("predict", "mem_mb", 8000),
-        runtime=lambda w: job_resources("predict", "runtime", 30),
+        gpu=step_resource("predict", "gpu", 1),
+        mem_mb=step_resource("predict", "mem_mb", 8000),
+        runtime=step_resource("predict", "runtime", 30),
     params:
         inference=config["inference"],
         device=config["training"].get("device", "auto"),
@@ -40,12 +40,12 @@ rule predict:
     wildcard_constraints:
         config="2d|3d_fullres|3d_cascade_fullres",
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/torch.yaml"
     threads: threads_for_training()
     resources:
-        gpu=lambda w: job_resources("predict", "gpu", 1),
-        mem_mb=lambda w: job_resources("predict", "mem_mb", 8000),
-        runtime=lambda w: job_resources("predict", "runtime", 30),
+        gpu=step_resource("predict", "gpu", 1),
+        mem_mb=step_resource("predict", "mem_mb", 8000),
+        runtime=step_resource("predict", "runtime", 30),
     params:
         inference=config["inference"],
         device=config["training"].get("device", "auto"),

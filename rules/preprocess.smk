@@ -13,6 +13,9 @@ rule preprocess:
     benchmark:
         "results/benchmarks/preprocess/{data}_{case}.tsv"
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/torch.yaml"
+    resources:
+        mem_mb=step_resource("preprocess", "mem_mb", 4000),
+        runtime=step_resource("preprocess", "runtime", 30),
     script:
         "../workflow_scripts/preprocess.py"

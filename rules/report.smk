@@ -15,7 +15,7 @@ rule table1:
     log:
         "results/logs/table1/table1.log",
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/report.yaml"
     params:
         configs=CONFIGS,
         folds=FOLDS,
@@ -46,9 +46,40 @@ rule figures:
     log:
         "results/logs/figures/figures.log",
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/report.yaml"
     params:
         configs=CONFIGS,
         n_cases=config.get("report", {}).get("figure_cases", 3),
     script:
         "../workflow_scripts/figures.py"
+
+
+rule compute_cost:
+    """Wall time, peak memory and GPU-hours of every training and prediction job."""
+    input:
+        expand(
+            "results/benchmarks/{step}/{config}_fold{fold}.tsv",
+            step=["train", "predict"],
+            config=CONFIGS,
+            fold=FOLDS,
+        ),
+    output:
+        report(
+            "results/compute_cost.csv",
+            caption="report/compute_cost.rst",
+            category="Compute cost",
+        ),
+    log:
+        "results/logs/compute_cost/compute_cost.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        configs=CONFIGS,
+        folds=FOLDS,
+        gpus={
+            (c, step): resource_value(step, "gpu", 1, c)
+            for c in CONFIGS
+            for step in ("train", "predict")
+        },
+    script:
+        "../workflow_scripts/compute_cost.py"

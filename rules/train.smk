@@ -18,12 +18,12 @@ rule train:
     benchmark:
         "results/benchmarks/train/{config}_fold{fold}.tsv"
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/torch.yaml"
     threads: threads_for_training()
     resources:
-        gpu=lambda w: job_resources("train", "gpu", 1),
-        mem_mb=lambda w: job_resources("train", "mem_mb", 8000),
-        runtime=lambda w: job_resources("train", "runtime", 60),
+        gpu=step_resource("train", "gpu", 1),
+        mem_mb=step_resource("train", "mem_mb", 8000),
+        runtime=step_resource("train", "runtime", 60),
     params:
         training=config["training"],
         augmentation=config["augmentation"],
@@ -49,7 +49,7 @@ rule training_curves:
     log:
         "results/logs/training_curves/training_curves.log",
     conda:
-        "../envs/kitsnet.yaml"
+        "../envs/report.yaml"
     params:
         configs=CONFIGS,
         folds=FOLDS,

@@ -552,3 +552,15 @@ def test_nibabel_axis_order_matches_official_simpleitk_reading():
     ours = score_case("case_00287", pred_path, ref_path)
     _assert_same(ours, official)
     assert not math.isnan(ours["sd_kidney"])
+
+
+@needs_data
+def test_int32_label_maps_as_stored_by_kits21_give_identical_scores(case_00287):
+    """KiTS21 stores its segmentations as int32; dtype and memory order must not matter."""
+    ref, spacing = case_00287
+    pred = np.roll(ref, -1, axis=1)
+    base = score_arrays(pred, ref, spacing)
+    as_int32 = score_arrays(
+        np.asfortranarray(pred, dtype=np.int32), np.ascontiguousarray(ref, dtype=np.int32), spacing
+    )
+    assert as_int32 == base

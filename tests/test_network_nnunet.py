@@ -1,89 +1,107 @@
-"""kitsnet.network against nnU-Net's own PlainConvUNet (needs dynamic_network_architectures).
+"""kitsnet.network against nnU-Net v2's own network, built from the same plan.
 
-Skipped in the project's venv; runs in a peer venv that has nnU-Net installed, e.g.
-``pip install torch==2.13.0 nnunetv2==2.8.1 torchvision==0.28.0 pytest`` then
-``PYTHONPATH=. pytest tests/test_network_nnunet.py``.  Beyond equal parameter counts, it loads
-nnU-Net's state dict into our network and checks that both compute the same logits.
+Needs the optional ``peer`` extra (``pip install torch==2.13.0 -e '.[peer]'``); skipped without
+it.  The plans are made by ``kitsnet.plan.make_plan`` from ``config/kits21.yaml`` and translated
+into the ``architecture`` entry that nnU-Net's ExperimentPlanner writes to its plans file; nnU-Net
+then builds its network from that with ``get_network_from_plans``, as its trainer does.
+
+* Every configuration of the paper's plan: equal parameter counts (built on the ``meta`` device,
+  so a 2D network of tens of millions of parameters costs nothing).
+* The same plans with narrow widths (base 4, cap 32; ``make_plan`` again): nnU-Net's state dict
+  loads into our network and both give the same logits, with and without deep supervision.
 """
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
-pytest.importorskip(
-    "dynamic_network_architectures",
-    reason="nnU-Net's dynamic_network_architectures is only installed in the peer venv",
-)
-from dynamic_network_architectures.architectures.unet import PlainConvUNet  # noqa: E402
+pytest.importorskip("nnunetv2", reason="nnU-Net v2 is only installed with the 'peer' extra")
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # noqa: E402
 
-from kitsnet.network import build_network, features_per_stage  # noqa: E402
+from kitsnet.network import build_network  # noqa: E402
+from kitsnet.plan import CONFIGURATIONS, make_plan  # noqa: E402
 
-CONFIGS = {
-    # The paper's 3D full-resolution / cascade network: 5 stages 30..320, isotropic stride 2.
-    "3d": {
-        "dim": 3,
-        "features_per_stage": features_per_stage(30, 320, 5),
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4,
-        "kernel_sizes": [[3, 3, 3]] * 5,
-        "n_conv_per_stage": 2,
-        "n_conv_per_stage_decoder": 2,
-        "deep_supervision": True,
-    },
-    # nnU-Net's KiTS 2D plan: 7 stages 32..512 for a 512x512 patch.
-    "2d": {
-        "dim": 2,
-        "features_per_stage": features_per_stage(32, 512, 7),
-        "strides": [[1, 1]] + [[2, 2]] * 6,
-        "kernel_sizes": [[3, 3]] * 7,
-        "n_conv_per_stage": 2,
-        "n_conv_per_stage_decoder": 2,
-        "deep_supervision": True,
-    },
-}
-INPUT_SHAPE = {"3d": (1, 32, 32, 32), "2d": (1, 128, 128)}
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _nnunet(arch: dict, in_channels: int, num_classes: int) -> PlainConvUNet:
-    """Instantiate PlainConvUNet exactly as nnU-Net's plans do for KiTS (conv_bias, IN, LReLU)."""
-    dim = arch["dim"]
-    n = len(arch["features_per_stage"])
-    net = PlainConvUNet(
-        input_channels=in_channels,
-        n_stages=n,
-        features_per_stage=arch["features_per_stage"],
-        conv_op=torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d,
-        kernel_sizes=arch["kernel_sizes"],
-        strides=arch["strides"],
-        n_conv_per_stage=[arch["n_conv_per_stage"]] * n,
-        num_classes=num_classes,
-        n_conv_per_stage_decoder=[arch["n_conv_per_stage_decoder"]] * (n - 1),
-        conv_bias=True,
-        norm_op=torch.nn.InstanceNorm3d if dim == 3 else torch.nn.InstanceNorm2d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=torch.nn.LeakyReLU,
-        nonlin_kwargs={"inplace": True},
-        deep_supervision=arch["deep_supervision"],
+def _fingerprint() -> dict:
+    """Enough of a fingerprint for make_plan (kits21.yaml fixes both spacings)."""
+    fi = {"mean": 100.0, "std": 75.0, "percentile_00_5": -50.0, "percentile_99_5": 300.0}
+    return {"shapes": [[100, 512, 512]], "spacings": [[1.0, 0.8, 0.8]], "foreground_intensity": fi}
+
+
+def _plans(**plan_overrides) -> dict[str, dict]:
+    cfg = yaml.safe_load((REPO / "config" / "kits21.yaml").read_text())
+    cfg = copy.deepcopy(cfg)
+    cfg["plan"].update(plan_overrides)
+    return {c: make_plan(c, _fingerprint(), cfg) for c in CONFIGURATIONS}
+
+
+def _nnunet_architecture(arch: dict) -> dict:
+    """Our plan's ``arch`` as nnU-Net's planner writes ``configurations[c]['architecture']``."""
+    dim, n = arch["dim"], len(arch["features_per_stage"])
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n,
+            "features_per_stage": arch["features_per_stage"],
+            "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+            "kernel_sizes": arch["kernel_sizes"],
+            "strides": arch["strides"],
+            "n_conv_per_stage": [arch["n_conv_per_stage"]] * n,
+            "n_conv_per_stage_decoder": [arch["n_conv_per_stage_decoder"]] * (n - 1),
+            "conv_bias": True,
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ("conv_op", "norm_op", "dropout_op", "nonlin"),
+    }
+
+
+def _nnunet(plan: dict) -> torch.nn.Module:
+    a = _nnunet_architecture(plan["arch"])
+    return get_network_from_plans(
+        a["network_class_name"],
+        a["arch_kwargs"],
+        a["_kw_requires_import"],
+        plan["in_channels"],
+        plan["num_classes"],
+        allow_init=True,
+        deep_supervision=plan["arch"]["deep_supervision"],
     )
-    net.apply(net.initialize)
-    return net
 
 
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize(
-    ("name", "in_channels", "num_classes"),
-    [("3d", 1, 4), ("3d", 4, 4), ("2d", 1, 4)],  # 4 inputs: CT + one-hot of the coarse stage
-)
-def test_parameter_count_and_outputs_match_nnunet(
-    name: str, in_channels: int, num_classes: int
-) -> None:
-    arch = CONFIGS[name]
+def test_parameter_counts_of_the_papers_plans_match_nnunet() -> None:
+    plans = _plans()
+    counts = {}
+    with torch.device("meta"):
+        for name, plan in plans.items():
+            ours = build_network(plan["arch"], plan["in_channels"], plan["num_classes"])
+            counts[name] = (_n_params(ours), _n_params(_nnunet(plan)))
+    assert all(o == r for o, r in counts.values()), counts
+    # the cascade's 3 extra input channels add 3 x 27 x 30 weights to the first convolution
+    assert counts["3d_cascade_fullres"][0] - counts["3d_fullres"][0] == 3 * 27 * 30
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_cascade_fullres"])
+def test_narrow_plan_networks_compute_nnunets_logits(configuration: str) -> None:
+    plan = _plans(base_features=4, max_features_3d=32, max_features_2d=32)[configuration]
     torch.manual_seed(0)
-    ref = _nnunet(arch, in_channels, num_classes).eval()
-    ours = build_network(arch, in_channels, num_classes).eval()
+    ref = _nnunet(plan).eval()
+    ours = build_network(plan["arch"], plan["in_channels"], plan["num_classes"]).eval()
     assert _n_params(ours) == _n_params(ref)
 
     # nnU-Net registers each layer twice (``all_modules`` and ``decoder.encoder`` aliases);
@@ -95,7 +113,12 @@ def test_parameter_count_and_outputs_match_nnunet(
     }
     ours.load_state_dict(state, strict=True)
 
-    x = torch.randn(2, in_channels, *INPUT_SHAPE[name][1:])
+    # small input the plan's strides allow: 2 voxels per axis at the bottleneck (InstanceNorm
+    # needs more than one)
+    size = [2] * plan["arch"]["dim"]
+    for stride in plan["arch"]["strides"]:
+        size = [s * st for s, st in zip(size, stride, strict=True)]
+    x = torch.randn(1, plan["in_channels"], *size)
     with torch.no_grad():
         for ds in (True, False):
             ref.decoder.deep_supervision = ds
@@ -110,7 +133,21 @@ def test_parameter_count_and_outputs_match_nnunet(
 
 
 def test_pinned_counts_in_test_network_are_nnunets() -> None:
-    """tests/test_network.py pins these counts for CI runs that lack nnU-Net; keep them true."""
-    expected = {("3d", 1): 15_048_196, ("3d", 4): 15_050_626, ("2d", 1): 33_474_840}
-    for (name, in_channels), count in expected.items():
-        assert _n_params(_nnunet(CONFIGS[name], in_channels, 4)) == count
+    """tests/test_network.py pins counts for CI runs without nnU-Net; keep them true."""
+    from kitsnet.network import features_per_stage
+
+    expected = {(3, 30, 320, 5, 1): 15_048_196, (3, 30, 320, 5, 4): 15_050_626}
+    expected[(2, 32, 512, 7, 1)] = 33_474_840
+    with torch.device("meta"):
+        for (dim, base, cap, n, in_channels), count in expected.items():
+            arch = {
+                "dim": dim,
+                "features_per_stage": features_per_stage(base, cap, n),
+                "strides": [[1] * dim] + [[2] * dim] * (n - 1),
+                "kernel_sizes": [[3] * dim] * n,
+                "n_conv_per_stage": 2,
+                "n_conv_per_stage_decoder": 2,
+                "deep_supervision": True,
+            }
+            plan = {"arch": arch, "in_channels": in_channels, "num_classes": 4}
+            assert _n_params(_nnunet(plan)) == count
