@@ -13,9 +13,11 @@ destination folder and renamed into place, so a killed job never leaves a half-w
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,16 +115,31 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
-def load_volume(path: str | os.PathLike[str], case: str | None = None) -> Volume:
-    """Read a 3D NIfTI, raising :class:`KitsnetError` naming the case and file on failure."""
+def load_volume(
+    path: str | os.PathLike[str], case: str | None = None, verify: bool = False
+) -> Volume:
+    """Read a 3D NIfTI, raising :class:`KitsnetError` naming the case and file on failure.
+
+    ``verify=True`` decompresses a ``.gz`` to its end first: nibabel stops reading once it has
+    the voxels, so a stream cut after them (no CRC, no length) or a bad CRC shows only then.
+    """
     path = Path(path)
     who = f"{case}: " if case else ""
     if not path.exists():
         raise KitsnetError(f"{who}{path}: file is missing")
     if not path.is_file():
         raise KitsnetError(f"{who}{path}: is not a file")
+    raw = None
+    if verify and path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(path.read_bytes())
+        except (OSError, EOFError, zlib.error) as exc:
+            raise KitsnetError(
+                f"{who}{path}: truncated or corrupt gzip ({type(exc).__name__}: {exc})"
+            ) from exc
     try:
-        img = nib.load(str(path))
+        img = nib.Nifti1Image.from_bytes(raw) if raw is not None else nib.load(str(path))
+        del raw
         array = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for truncated/corrupt files
         raise KitsnetError(f"{who}{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc

@@ -237,7 +237,7 @@ def _render(rng: np.random.Generator, spacing, fov) -> tuple[np.ndarray, np.ndar
         return _Ellipsoid(centre, semi, _rotation(rng.uniform(-45, 45, size=3)))
 
     tumours = [
-        lesion(rng.uniform(6, 15), rng.uniform(-0.7, 0.5)) for _ in range(rng.integers(1, 3))
+        lesion(rng.uniform(8, 18), rng.uniform(-0.7, 0.5)) for _ in range(rng.integers(1, 3))
     ]
     cysts = []
     for _ in range(rng.integers(1, 3) if rng.random() < 0.5 else 0):
@@ -255,7 +255,7 @@ def _render(rng: np.random.Generator, spacing, fov) -> tuple[np.ndarray, np.ndar
     for cyst in cysts:
         _paint(img, axes, cyst, rng.uniform(0, 20), edge)
     for t in tumours:
-        _paint(img, axes, t, _texture(rng, rng.uniform(30, 100), rng.uniform(10, 25)), edge)
+        _paint(img, axes, t, _texture(rng, rng.uniform(210, 270), rng.uniform(20, 35)), edge)
         if t.semi.min() > 7 and rng.random() < 0.4:  # necrotic core, blended over ~r/3
             _paint(img, axes, t.shrunk(0.55 * t.semi.min()), rng.uniform(20, 45), t.semi.min() / 3)
 

@@ -37,3 +37,27 @@ def cube_label(shape=(20, 24, 24), box=(slice(5, 15), slice(6, 18), slice(6, 18)
     lab = np.zeros(shape, np.uint8)
     lab[box] = 1
     return lab
+
+
+def run_workflow(workdir: Path, *args: str, check: bool = True):
+    """Run this repository's Snakefile from ``workdir`` (given a copy of config/)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not (workdir / "config").exists():
+        shutil.copytree(REPO / "config", workdir / "config")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def micro_demo(tmp_path_factory) -> Path:
+    """The micro demo (tests/data/micro.yaml) run once from scratch; the folder it ran in.
+    Shared by the end-to-end and the determinism tests: treat it as read-only."""
+    workdir = tmp_path_factory.mktemp("micro_demo")
+    run_workflow(workdir, "--cores", "2", "--configfile", str(REPO / "tests/data/micro.yaml"))
+    return workdir

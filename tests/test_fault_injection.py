@@ -178,3 +178,22 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(setup, tmp_path):
 def test_checkpoints_load_with_weights_only(setup):
     ck = torch.load(setup["reference"] / CHECKPOINT, map_location="cpu", weights_only=True)
     assert len(json.loads(ck["history"])) == EPOCHS and ck["best_model"] is not None
+
+
+def test_an_interrupted_write_leaves_the_old_file_or_nothing(tmp_path):
+    from kitsnet.io import atomic_path, remove_stale_temporaries, save_json
+
+    target = tmp_path / "out" / "scores.csv"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert not target.parent.exists() or not any(target.parent.iterdir())
+    save_json({"a": 1}, target)
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("{")
+        raise RuntimeError("killed")
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    # what a SIGKILL leaves (the finally never runs) is cleaned up by the next run
+    stale = target.parent / ".scores.abc123.csv"
+    stale.write_text("partial")
+    assert remove_stale_temporaries(target) == [stale] and not stale.exists()

@@ -29,6 +29,15 @@ from kitsnet.plan import CONFIGURATIONS, make_plan  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small networks: extra intra-op threads only contend on a shared 2-core CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _fingerprint() -> dict:
     """Enough of a fingerprint for make_plan (kits21.yaml fixes both spacings)."""
     fi = {"mean": 100.0, "std": 75.0, "percentile_00_5": -50.0, "percentile_99_5": 300.0}

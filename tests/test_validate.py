@@ -366,15 +366,15 @@ def test_missing_data_root_is_named(repo, tmp_path):
     cfg = _real_data_config(tmp_path, tmp_path / "no_such_folder")
     proc = snakemake(repo, tmp_path, "-n", "--configfile", str(cfg))
     assert proc.returncode != 0
-    assert "data_root:" in proc.stdout + proc.stderr and "no_such_folder" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "data_root:" in out and "no_such_folder" in out and "missing or not a folder" in out
 
 
 def test_fold_index_out_of_range_is_named(repo, tmp_path):
     root = make_valid(tmp_path / "data")
     cfg = _real_data_config(tmp_path, root)
-    proc = snakemake(
-        repo, tmp_path, "-n", "--configfile", str(cfg), "results/models/2d/fold_7/model_final.pt"
-    )
+    target = "results/models/2d/fold_7/model_final.pt"
+    proc = snakemake(repo, tmp_path, "-n", "--configfile", str(cfg), "--", target)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "fold 7 is out of range" in out and "'folds' is 2" in out, out[-3000:]

@@ -86,10 +86,12 @@ def test_unknown_config_key_stops_before_any_job(repo, tmp_path):
 
 
 @pytest.mark.workflow
-def test_micro_demo_runs_end_to_end(repo, tmp_path):
+def test_micro_demo_runs_end_to_end(repo, micro_demo):
     """Synthetic data -> validate -> plan -> preprocess -> 20 trainings -> predictions ->
-    scores -> Table 1 and figures, with micro settings (a few tiny cases and iterations)."""
-    snakemake(repo, tmp_path, "--cores", "2", "--configfile", str(repo / "tests/data/micro.yaml"))
+    scores -> Table 1 and figures, with micro settings (a few tiny cases and iterations).
+    The run itself is the session fixture ``micro_demo`` (conftest.py), shared with
+    test_determinism.py."""
+    tmp_path = micro_demo
     res = tmp_path / "results"
     with open(res / "table1.csv") as fh:
         rows = list(csv.DictReader(fh))

@@ -1,0 +1,347 @@
+"""The workflow on a real SLURM, through the profile in slurm/ as users run it.
+
+A single-node cluster (Debian's slurm-wlm and munge, fake GPUs) is started by
+tests/slurm/start_slurm.sh for this module and stopped at its end.  The workflow runs the micro
+demo (tests/data/micro.yaml, and fewer cases and folds so that a 2-core CI machine gets through
+it in a few minutes) with ``snakemake --profile slurm``.  The only overrides of the profile are
+what this test cluster needs: the partition (through SBATCH_PARTITION, which the profile reads),
+``--slurm-status-command squeue`` (the cluster has no slurmdbd, so no sacct), a quick first
+status poll and a short latency-wait.  A wrapper in front of ``sbatch`` records every
+submission; SLURM's own record (squeue keeps finished jobs for MinJobAge) is checked too.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+PARTITION = "debug"
+SLURM_BASE = "/tmp/kitsnet-slurm-tests"
+# what the tests change of the micro demo: fewer cases and folds (every configuration stays)
+SMALL = "synthetic: {cases: 4, seed: 3}\nfolds: 2\n"
+LOCAL_RULES = ("plan", "splits", "table1", "training_curves", "compute_cost")
+
+pytestmark = pytest.mark.workflow
+
+
+@pytest.fixture(scope="module")
+def slurm(repo):
+    """A running single-node SLURM with fake GPUs, for this module only."""
+    if os.geteuid() != 0:
+        pytest.skip("SLURM tests need root: start_slurm.sh starts munged, slurmctld and slurmd")
+    if not (shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists()) and not (
+        shutil.which("apt-get")
+    ):
+        pytest.skip("no SLURM (Debian's slurm-wlm) installed and no apt-get to install it")
+    env = {**os.environ, "SLURM_BASE": SLURM_BASE, "PARTITION": PARTITION}
+    scripts = repo / "tests" / "slurm"
+    subprocess.run(["bash", scripts / "stop_slurm.sh"], env=env, capture_output=True)
+    proc = subprocess.run(
+        ["bash", scripts / "start_slurm.sh"], env=env, capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"start_slurm.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    try:
+        yield SLURM_BASE
+    finally:
+        subprocess.run(["bash", scripts / "stop_slurm.sh"], env=env, capture_output=True)
+
+
+class Run:
+    """A work directory set up like a user's checkout: config/, the slurm/ profile, and the
+    test's own config on top of the micro demo; ``sbatch`` is a recording wrapper."""
+
+    def __init__(self, repo: Path, workdir: Path, extra_config: str = ""):
+        self.repo, self.wd = repo, workdir
+        shutil.copytree(repo / "config", workdir / "config")
+        shutil.copytree(repo / "slurm", workdir / "slurm")
+        (workdir / "test.yaml").write_text(SMALL + extra_config)
+        real = shutil.which("sbatch")
+        assert real, "sbatch is not on PATH"
+        bindir = workdir / "bin"
+        bindir.mkdir()
+        self.sbatch_log = workdir / "sbatch_calls.log"
+        (bindir / "sbatch").write_text(
+            f'#!/bin/bash\nprintf \'%s\\n\' "$*" >> {self.sbatch_log}\nexec {real} "$@"\n'
+        )
+        (bindir / "sbatch").chmod(0o755)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k != "KITSNET_FAULT"},
+            "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+            "SBATCH_PARTITION": PARTITION,  # read by slurm/config.yaml
+        }
+
+    def cmd(self, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(self.repo / "Snakefile"),
+            "--profile",
+            "slurm",
+            "--configfile",
+            str(self.repo / "tests" / "data" / "micro.yaml"),
+            "test.yaml",
+            # what this test cluster needs: no slurmdbd (squeue, not sacct), quick polls
+            "--slurm-status-command",
+            "squeue",
+            "--slurm-init-seconds-before-status-checks",
+            "1",
+            "--latency-wait",
+            "5",
+            *args,
+        ]
+
+    def run(self, *args: str, timeout: int = 900, env: dict | None = None):
+        proc = subprocess.run(
+            self.cmd(*args),
+            cwd=self.wd,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        (self.wd / "snakemake.out").write_text(proc.stdout + proc.stderr)
+        return proc
+
+    def submissions(self) -> list[dict]:
+        """Every sbatch call: the job's rule/wildcards comment, memory, time and arguments."""
+        if not self.sbatch_log.exists():
+            return []
+        subs = []
+        for line in self.sbatch_log.read_text().splitlines():
+            head = line.split(" --wrap", 1)[0]
+            comment = re.search(r"--comment (\S+)", head)
+            mem = re.search(r"--mem (\d+)", head)
+            runtime = re.search(r"-t (\d+)", head)
+            subs.append(
+                {
+                    "comment": comment.group(1) if comment else "",
+                    "mem": int(mem.group(1)) if mem else None,
+                    "runtime": int(runtime.group(1)) if runtime else None,
+                    "args": head.split(),
+                }
+            )
+        return subs
+
+    def slurm_jobs(self) -> list[dict]:
+        """SLURM's record of this work directory's jobs (finished ones too, for MinJobAge)."""
+        fields = "JobID:30,Comment:120,State:30,tres-per-job:60,MinMemory:30,WorkDir:400"
+        out = subprocess.run(
+            ["squeue", "--states=all", "-h", "-O", fields],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        jobs = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 6 and parts[5] == str(self.wd):
+                keys = ("id", "comment", "state", "tres", "mem", "workdir")
+                jobs.append(dict(zip(keys, parts, strict=True)))
+        return jobs
+
+
+def _fail(proc, what: str, wd: Path) -> str:
+    found = sorted(wd.glob(".snakemake/slurm_logs/**/*.log"))
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in found)
+    return f"{what}:\n{(proc.stdout + proc.stderr)[-5000:]}\n{logs[-5000:]}"
+
+
+def _train_comment(config: str, fold: int) -> str:
+    return f"rule_train_wildcards_{config}_{fold}"
+
+
+def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_path):
+    """`snakemake --profile slurm`: every training and prediction job goes through sbatch with a
+    GPU request, the CPU-only ones without, and Table 1, the compute-cost table and the HTML
+    report (`snakemake --report`) come out."""
+    run = Run(repo, tmp_path)
+    proc = run.run()
+    assert proc.returncode == 0, _fail(proc, "snakemake --profile slurm failed", tmp_path)
+
+    subs = run.submissions()
+    by_rule: dict[str, list[dict]] = {}
+    for s in subs:
+        rule = re.match(r"rule_(\w+?)(?:_wildcards_|$)", s["comment"]).group(1)
+        by_rule.setdefault(rule, []).append(s)
+    train = {s["comment"]: s for s in by_rule["train"]}
+    assert set(train) == {_train_comment(c, f) for c in CONFIGS for f in (0, 1)}
+    assert len(by_rule["train"]) == 8  # each training submitted once
+    for rule in ("train", "predict", "predict_lowres"):
+        for s in by_rule[rule]:
+            assert "--gpus=1" in s["args"], (rule, s["args"])
+            assert "--cpus-per-gpu=1" in s["args"], (rule, s["args"])  # micro: threads 1
+            assert ["-p", PARTITION] == s["args"][s["args"].index("-p") :][:2]
+    assert len(by_rule["predict"]) + len(by_rule["predict_lowres"]) == 8
+    for rule in ("synth", "validate_dataset", "fingerprint", "preprocess", "evaluate", "figures"):
+        assert by_rule[rule], rule
+        for s in by_rule[rule]:
+            assert not any(a.startswith("--gpus") for a in s["args"]), (rule, s["args"])
+    assert not set(LOCAL_RULES) & set(by_rule)  # bookkeeping runs where snakemake runs
+    # the demo config's per-configuration resources reach sbatch (2d: 30 min, 3d_fullres: 60)
+    assert train[_train_comment("2d", 0)]["runtime"] == 30
+    assert train[_train_comment("3d_fullres", 0)]["runtime"] == 60
+    assert all(s["mem"] == 4000 for s in train.values())
+
+    # SLURM's side: each training job completed with one GPU allocated
+    slurm_train = [j for j in run.slurm_jobs() if j["comment"].startswith("rule_train_")]
+    assert len(slurm_train) == 8
+    assert all(j["state"] == "COMPLETED" and j["tres"] == "gres:gpu:1" for j in slurm_train)
+
+    res = tmp_path / "results"
+    rows = list(csv.DictReader(open(res / "table1.csv")))
+    assert [r["model"] for r in rows] == CONFIGS
+    cost = list(csv.DictReader(open(res / "compute_cost.csv")))
+    assert len(cost) == len(CONFIGS) * 2 * 2  # configurations x folds x (train, predict)
+    assert {(r["configuration"], r["fold"], r["step"]) for r in cost} == {
+        (c, str(f), s) for c in CONFIGS for f in (0, 1) for s in ("train", "predict")
+    }
+    assert all(float(r["wall_s"]) > 0 and r["gpus"] == "1" for r in cost)
+    for c in CONFIGS:
+        for f in (0, 1):
+            assert (res / f"logs/train/{c}_fold{f}.log").stat().st_size > 0
+            assert (res / f"benchmarks/train/{c}_fold{f}.tsv").is_file()
+
+    # the self-contained HTML report of that run
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo / "Snakefile"),
+            "--configfile",
+            str(repo / "tests" / "data" / "micro.yaml"),
+            "test.yaml",
+            "--report",
+            "results/report.html",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    html = (res / "report.html").read_text()
+    for text in ("Table 1: Dice", "Compute cost of every training", "Training curves of every"):
+        assert text in html, text
+
+
+def _wait(predicate, timeout: float, what: str, proc=None):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        found = predicate()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"snakemake ended ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_slurm_killed_job_is_retried_and_rerun_after_kill_finishes_only_missing(
+    repo, slurm, tmp_path
+):
+    """SLURM kills a training job (scancel): snakemake submits it again with more memory and
+    time, and it resumes from its checkpoint.  Then snakemake itself is killed (SIGKILL) while
+    another training runs; after cancelling the leftover jobs and --unlock, the rerun submits
+    only what is missing, and that training resumes from its checkpoint too."""
+    run = Run(repo, tmp_path, extra_config="configurations: [2d]\n")
+    models = tmp_path / "results" / "models" / "2d"
+    # each training stops itself (SIGSTOP) right after its first checkpoint, so the test can
+    # kill it at a known point (kitsnet.train's test hook; a resumed run passes that point)
+    env = {**run.env, "KITSNET_FAULT": "between_epochs:epoch=0,signal=STOP"}
+    proc = subprocess.Popen(
+        run.cmd(),
+        cwd=tmp_path,
+        env=env,
+        stdout=open(tmp_path / "snakemake.out", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def running_after_checkpoint(fold: int):
+            if not (models / f"fold_{fold}" / "checkpoint_latest.pt").exists():
+                return None
+            for j in run.slurm_jobs():
+                if j["comment"] == _train_comment("2d", fold) and j["state"] == "RUNNING":
+                    return j["id"]
+            return None
+
+        # 1. SLURM kills fold 0's training after its first checkpoint; it is retried
+        job0 = _wait(lambda: running_after_checkpoint(0), 400, "fold 0 checkpoint", proc)
+        subprocess.run(["scancel", job0], check=True)
+        # (snakemake has seen the retry finish once it submits that fold's prediction)
+        _wait(
+            lambda: any(s["comment"] == "rule_predict_wildcards_2d_0" for s in run.submissions()),
+            300,
+            "fold 0 retry to finish",
+            proc,
+        )
+        # 2. snakemake is killed (SIGKILL) while fold 1 trains (stopped after its checkpoint)
+        _wait(lambda: running_after_checkpoint(1), 300, "fold 1 checkpoint", proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    out = (tmp_path / "snakemake.out").read_text()
+    # what a user does after a hard kill: cancel the run's leftover jobs, remove the lock
+    active = [j["id"] for j in run.slurm_jobs() if j["state"] in ("RUNNING", "PENDING")]
+    assert active  # fold 1's training at least
+    subprocess.run(["scancel", *active], check=True)
+    _wait(
+        lambda: not [j for j in run.slurm_jobs() if j["state"] in ("RUNNING", "PENDING")],
+        60,
+        "the leftover jobs to end",
+    )
+    unlock = run.run("--unlock")
+    assert unlock.returncode == 0, unlock.stdout[-3000:] + unlock.stderr[-3000:]
+
+    # the killed job: CANCELLED in SLURM, then submitted again asking for 1.5x memory and time
+    states = {j["id"]: j["state"] for j in run.slurm_jobs()}
+    assert states[job0] == "CANCELLED"
+    fold0 = [s for s in run.submissions() if s["comment"] == _train_comment("2d", 0)]
+    assert [(s["mem"], s["runtime"]) for s in fold0] == [(4000, 30), (6000, 45)], out[-3000:]
+    log0 = (tmp_path / "results/logs/train/2d_fold0.log").read_text()
+    assert "resumed from" in log0, log0
+    history = list(csv.DictReader(open(models / "fold_0" / "training_log.csv")))
+    assert [int(r["epoch"]) for r in history] == [0, 1]  # no gap, no repeat
+
+    # what was complete before the kill is kept; a dry run lists only what is missing
+    assert not (models / "fold_1" / "model_final.pt").exists()
+    kept = {
+        p: p.stat().st_mtime_ns
+        for p in [
+            *models.glob("fold_0/*"),
+            *(tmp_path / "results/preprocessed").rglob("*.npy"),
+            *(tmp_path / "results/data").rglob("*.nii.gz"),
+        ]
+    }
+    dry = run.run("-n")
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    planned = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.M))
+    assert planned.get("train") == "1"
+    for rule in ("synth", "validate_dataset", "fingerprint", "preprocess", "plan", "splits"):
+        assert rule not in planned, (rule, planned)
+
+    before = len(run.submissions())
+    again = run.run()
+    assert again.returncode == 0, _fail(again, "rerun after the kill failed", tmp_path)
+    resubmitted = [s["comment"] for s in run.submissions()[before:]]
+    assert _train_comment("2d", 1) in resubmitted
+    assert _train_comment("2d", 0) not in resubmitted
+    assert not [c for c in resubmitted if re.match(r"rule_(synth|validate|fingerprint|prepro)", c)]
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    log1 = (tmp_path / "results/logs/train/2d_fold1.log").read_text()
+    assert "resumed from" in log1, log1
+    assert (tmp_path / "results/table1.csv").is_file()
