@@ -232,7 +232,8 @@ def predict_fold(
 def _inputs(path: Path) -> list[tuple[str, Path]]:
     """(name, file) pairs: a single .nii.gz, a folder of them, or a KiTS21-layout folder."""
     if path.is_file():
-        return [(path.name.removesuffix(".nii.gz"), path)]
+        name = path.name.removesuffix(".nii.gz")
+        return [(path.parent.name if name == "imaging" else name, path)]
     kits = sorted(path.glob("case_*/imaging.nii.gz"))
     if kits:
         return [(p.parent.name, p) for p in kits]

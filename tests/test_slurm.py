@@ -13,6 +13,7 @@ submission; SLURM's own record (squeue keeps finished jobs for MinJobAge) is che
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import re
 import shutil
@@ -42,18 +43,33 @@ def slurm(repo):
         shutil.which("apt-get")
     ):
         pytest.skip("no SLURM (Debian's slurm-wlm) installed and no apt-get to install it")
+    # one cluster per machine (its ports and /etc/slurm are global): test sessions that run at
+    # the same time on one machine take turns
+    lock = open(f"{SLURM_BASE}.lock", "w")  # held for the whole module
+    t0 = time.monotonic()
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() - t0 > 1200:
+                pytest.skip(f"another test session has held {SLURM_BASE}.lock for 20 minutes")
+            time.sleep(2)
     env = {**os.environ, "SLURM_BASE": SLURM_BASE, "PARTITION": PARTITION}
     scripts = repo / "tests" / "slurm"
+    # leftovers of an interrupted session (its lock died with it)
     subprocess.run(["bash", scripts / "stop_slurm.sh"], env=env, capture_output=True)
     proc = subprocess.run(
         ["bash", scripts / "start_slurm.sh"], env=env, capture_output=True, text=True, timeout=900
     )
     if proc.returncode != 0:
+        lock.close()
         pytest.fail(f"start_slurm.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     try:
         yield SLURM_BASE
     finally:
         subprocess.run(["bash", scripts / "stop_slurm.sh"], env=env, capture_output=True)
+        lock.close()
 
 
 class Run:
@@ -295,12 +311,14 @@ def test_slurm_killed_job_is_retried_and_rerun_after_kill_finishes_only_missing(
         proc.kill()
         proc.wait()
     out = (tmp_path / "snakemake.out").read_text()
-    # what a user does after a hard kill: cancel the run's leftover jobs, remove the lock
-    active = [j["id"] for j in run.slurm_jobs() if j["state"] in ("RUNNING", "PENDING")]
+    # what a user does after a hard kill: cancel the run's leftover jobs, remove the lock.
+    # (SIGKILL: a plain scancel sends SIGCONT first, and the stopped training could finish.)
+    alive = ("RUNNING", "PENDING", "COMPLETING")
+    active = [j["id"] for j in run.slurm_jobs() if j["state"] in alive]
     assert active  # fold 1's training at least
-    subprocess.run(["scancel", *active], check=True)
+    subprocess.run(["scancel", "--full", "--signal=KILL", *active], check=True)
     _wait(
-        lambda: not [j for j in run.slurm_jobs() if j["state"] in ("RUNNING", "PENDING")],
+        lambda: not [j for j in run.slurm_jobs() if j["state"] in alive],
         60,
         "the leftover jobs to end",
     )

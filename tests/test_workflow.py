@@ -125,3 +125,32 @@ def test_micro_demo_runs_end_to_end(repo, micro_demo):
     # a second invocation finds nothing to do
     again = snakemake(repo, tmp_path, "-n", "--configfile", str(repo / "tests/data/micro.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.workflow
+def test_report_html_has_table1_figures_curves_and_compute_cost(repo, micro_demo, tmp_path):
+    """`snakemake --report` after the micro demo: one self-contained HTML file with Table 1, the
+    figures, the training curves and the compute-cost table, with their captions.  (Written to
+    tmp_path: the shared micro_demo folder stays as the run left it, apart from snakemake's log.)"""
+    cost = list(csv.DictReader(open(micro_demo / "results/compute_cost.csv")))
+    assert [(r["configuration"], r["fold"], r["step"]) for r in cost] == [
+        (c, str(f), s) for c in CONFIGS for f in range(5) for s in ("train", "predict")
+    ]
+    assert all(float(r["wall_s"]) > 0 and float(r["gpu_hours"]) > 0 for r in cost)
+    out = tmp_path / "report.html"
+    micro = str(repo / "tests/data/micro.yaml")
+    snakemake(repo, micro_demo, "--configfile", micro, "--report", str(out))
+    html = out.read_text()
+    assert len(html) > 100_000
+    for caption in (
+        "Table 1: Dice and Surface Dice",
+        "Figure 1: sample axial slices",
+        "Figure 2: the same slices",
+        "Training curves of every configuration",
+        "Compute cost of every training and prediction job",
+    ):
+        assert caption in html, caption
+    for name in ("table1.csv", "compute_cost.csv", "fig1_reference.png", "training_curves.png"):
+        assert name in html, name
+    # self-contained: no stylesheet or script is loaded from elsewhere
+    assert not re.search(r"<(script|link)[^>]+(src|href)=\"https?://", html)
