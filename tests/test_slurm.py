@@ -1,13 +1,14 @@
 """The workflow on a real SLURM, through the profile in slurm/ as users run it.
 
 A single-node cluster (Debian's slurm-wlm and munge, fake GPUs) is started by
-tests/slurm/start_slurm.sh for this module and stopped at its end.  The workflow runs the micro
-demo (tests/data/micro.yaml, and fewer cases and folds so that a 2-core CI machine gets through
-it in a few minutes) with ``snakemake --profile slurm``.  The only overrides of the profile are
-what this test cluster needs: the partition (through SBATCH_PARTITION, which the profile reads),
-``--slurm-status-command squeue`` (the cluster has no slurmdbd, so no sacct), a quick first
-status poll and a short latency-wait.  A wrapper in front of ``sbatch`` records every
-submission; SLURM's own record (squeue keeps finished jobs for MinJobAge) is checked too.
+tests/slurm/start_slurm.sh for this module and stopped at its end.  The profile test runs
+the micro demo (tests/data/micro.yaml: 6 tiny cases, 4 configurations x 5 folds) with
+``snakemake --profile slurm``; the kill/retry test a smaller one (4 cases, 2 folds, 2d only).
+The only overrides of the profile are what this test cluster needs: the partition (through
+SBATCH_PARTITION, which the profile reads), ``--slurm-status-command squeue`` (the cluster has
+no slurmdbd, so no sacct), a quick first status poll and a short latency-wait.  A wrapper in
+front of ``sbatch`` records every submission; SLURM's own record (squeue keeps finished jobs
+for MinJobAge) is checked too.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import pytest
 CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
 PARTITION = "debug"
 SLURM_BASE = "/tmp/kitsnet-slurm-tests"
-# what the tests change of the micro demo: fewer cases and folds (every configuration stays)
+# the kill/retry test shrinks the micro demo further: fewer cases and folds
 SMALL = "synthetic: {cases: 4, seed: 3}\nfolds: 2\n"
+FOLDS = range(5)  # the profile test runs the micro demo as it is: 4 configurations x 5 folds
 LOCAL_RULES = ("plan", "splits", "table1", "training_curves", "compute_cost")
 
 pytestmark = pytest.mark.workflow
@@ -76,11 +78,11 @@ class Run:
     """A work directory set up like a user's checkout: config/, the slurm/ profile, and the
     test's own config on top of the micro demo; ``sbatch`` is a recording wrapper."""
 
-    def __init__(self, repo: Path, workdir: Path, extra_config: str = ""):
+    def __init__(self, repo: Path, workdir: Path, extra_config: str = "", small: bool = True):
         self.repo, self.wd = repo, workdir
         shutil.copytree(repo / "config", workdir / "config")
         shutil.copytree(repo / "slurm", workdir / "slurm")
-        (workdir / "test.yaml").write_text(SMALL + extra_config)
+        (workdir / "test.yaml").write_text((SMALL if small else "folds: 5\n") + extra_config)
         real = shutil.which("sbatch")
         assert real, "sbatch is not on PATH"
         bindir = workdir / "bin"
@@ -182,7 +184,7 @@ def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_p
     """`snakemake --profile slurm`: every training and prediction job goes through sbatch with a
     GPU request, the CPU-only ones without, and Table 1, the compute-cost table and the HTML
     report (`snakemake --report`) come out."""
-    run = Run(repo, tmp_path)
+    run = Run(repo, tmp_path, small=False)
     proc = run.run()
     assert proc.returncode == 0, _fail(proc, "snakemake --profile slurm failed", tmp_path)
 
@@ -192,14 +194,14 @@ def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_p
         rule = re.match(r"rule_(\w+?)(?:_wildcards_|$)", s["comment"]).group(1)
         by_rule.setdefault(rule, []).append(s)
     train = {s["comment"]: s for s in by_rule["train"]}
-    assert set(train) == {_train_comment(c, f) for c in CONFIGS for f in (0, 1)}
-    assert len(by_rule["train"]) == 8  # each training submitted once
+    assert set(train) == {_train_comment(c, f) for c in CONFIGS for f in FOLDS}
+    assert len(by_rule["train"]) == 20  # each training submitted once
     for rule in ("train", "predict", "predict_lowres"):
         for s in by_rule[rule]:
             assert "--gpus=1" in s["args"], (rule, s["args"])
             assert "--cpus-per-gpu=1" in s["args"], (rule, s["args"])  # micro: threads 1
             assert ["-p", PARTITION] == s["args"][s["args"].index("-p") :][:2]
-    assert len(by_rule["predict"]) + len(by_rule["predict_lowres"]) == 8
+    assert len(by_rule["predict"]) + len(by_rule["predict_lowres"]) == 20
     for rule in ("synth", "validate_dataset", "fingerprint", "preprocess", "evaluate", "figures"):
         assert by_rule[rule], rule
         for s in by_rule[rule]:
@@ -212,20 +214,20 @@ def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_p
 
     # SLURM's side: each training job completed with one GPU allocated
     slurm_train = [j for j in run.slurm_jobs() if j["comment"].startswith("rule_train_")]
-    assert len(slurm_train) == 8
+    assert len(slurm_train) == 20
     assert all(j["state"] == "COMPLETED" and j["tres"] == "gres:gpu:1" for j in slurm_train)
 
     res = tmp_path / "results"
     rows = list(csv.DictReader(open(res / "table1.csv")))
     assert [r["model"] for r in rows] == CONFIGS
     cost = list(csv.DictReader(open(res / "compute_cost.csv")))
-    assert len(cost) == len(CONFIGS) * 2 * 2  # configurations x folds x (train, predict)
+    assert len(cost) == len(CONFIGS) * 5 * 2  # configurations x folds x (train, predict)
     assert {(r["configuration"], r["fold"], r["step"]) for r in cost} == {
-        (c, str(f), s) for c in CONFIGS for f in (0, 1) for s in ("train", "predict")
+        (c, str(f), s) for c in CONFIGS for f in FOLDS for s in ("train", "predict")
     }
     assert all(float(r["wall_s"]) > 0 and r["gpus"] == "1" for r in cost)
     for c in CONFIGS:
-        for f in (0, 1):
+        for f in FOLDS:
             assert (res / f"logs/train/{c}_fold{f}.log").stat().st_size > 0
             assert (res / f"benchmarks/train/{c}_fold{f}.tsv").is_file()
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_workflow
 
 from kitsnet.synth import kits_affine
 
@@ -18,14 +16,8 @@ CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
 
 
 def snakemake(repo: Path, workdir: Path, *args: str, check: bool = True):
-    """Run the repository's workflow from ``workdir`` (which holds a copy of config/)."""
-    if not (workdir / "config").exists():
-        shutil.copytree(repo / "config", workdir / "config")
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), *args]
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    """Run the repository's workflow from ``workdir`` (conftest.run_workflow)."""
+    return run_workflow(workdir, *args, check=check)
 
 
 @pytest.fixture(scope="module")
