@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from kitsnet.augment import DEFAULTS
 from kitsnet.network import build_network
 from kitsnet.train import (
     _crop,
@@ -96,21 +97,7 @@ TRAINING = {
     "ema_alpha": 0.9,
     "checkpoint_every": 1,
 }
-NO_AUG = {
-    k: 0.0
-    for k in (
-        "rotation_p",
-        "scale_p",
-        "noise_p",
-        "blur_p",
-        "brightness_p",
-        "contrast_p",
-        "lowres_p",
-        "gamma_p",
-        "gamma_inv_p",
-        "mirror_p",
-    )
-}
+NO_AUG = {k: 0.0 for k in DEFAULTS if k.endswith("_p")}
 
 
 def _plan():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_workflow
 
+from kitsnet.evaluate import METRIC_COLUMNS
 from kitsnet.synth import kits_affine
 
 CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
@@ -89,14 +90,7 @@ def test_micro_demo_runs_end_to_end(repo, micro_demo):
         rows = list(csv.DictReader(fh))
     assert [r["model"] for r in rows] == CONFIGS
     for r in rows:
-        for key in (
-            "dice_kidney",
-            "dice_masses",
-            "dice_tumor",
-            "sd_kidney",
-            "sd_masses",
-            "sd_tumor",
-        ):
+        for key in METRIC_COLUMNS:
             assert 0.0 <= float(r[key]) <= 1.0
     per_case = list(csv.DictReader(open(res / "scores_per_case.csv")))
     assert len(per_case) == 4 * 6 * 6  # configurations x cases x metrics
