@@ -61,3 +61,14 @@ def micro_demo(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("micro_demo")
     run_workflow(workdir, "--cores", "2", "--configfile", str(REPO / "tests/data/micro.yaml"))
     return workdir
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small networks: extra intra-op threads only contend on a shared 2-core CI machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,13 +34,7 @@ LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
 INFERENCE = {"step_size": 0.5, "gaussian_sigma_scale": 0.125, "mirror": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A tiny network: extra intra-op threads only contend on a shared 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _TorchFloat32(types.ModuleType):

@@ -111,11 +111,17 @@ def _plan():
     }
 
 
-def test_training_writes_models_and_a_gapless_log(tmp_path):
+@pytest.fixture
+def tiny_fold(tmp_path):
+    """Preprocessed tiny cases and a one-fold split: (data folder, splits)."""
     data = tmp_path / "pre"
     data.mkdir()
     cases = _tiny_preprocessed(data)
-    splits = [{"train": cases[1:], "val": cases[:1]}]
+    return data, [{"train": cases[1:], "val": cases[:1]}]
+
+
+def test_training_writes_models_and_a_gapless_log(tmp_path, tiny_fold):
+    data, splits = tiny_fold
     out = tmp_path / "fold_0"
     train_fold(_plan(), splits, 0, data, out, TRAINING, NO_AUG, seed=1, log=lambda *_: None)
     for name in ("model_final.pt", "model_best.pt", "checkpoint_latest.pt", "training_log.csv"):
@@ -125,11 +131,8 @@ def test_training_writes_models_and_a_gapless_log(tmp_path):
     assert load_checkpoint(out / "model_final.pt")["epochs"] == 3
 
 
-def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
-    data = tmp_path / "pre"
-    data.mkdir()
-    cases = _tiny_preprocessed(data)
-    splits = [{"train": cases[1:], "val": cases[:1]}]
+def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path, tiny_fold):
+    data, splits = tiny_fold
     full = tmp_path / "full"
     train_fold(_plan(), splits, 0, data, full, TRAINING, NO_AUG, seed=1, log=lambda *_: None)
     part = tmp_path / "part"
