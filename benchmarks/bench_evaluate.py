@@ -32,6 +32,45 @@ from kitsnet.io import atomic_path, load_volume
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "kits21_labels"
 TOLERANCE = 1e-9
 
+# The side-by-side protocol of ``python -m benchmarks`` (see benchmarks/harness.py): one
+# full-size pair, kitsnet's ``score_case`` against the literal official computation.
+NAME = "evaluate"
+GOAL = 5.0
+PEER = "official KiTS21 metrics (whole-volume surface-distance, kitsnet.evaluate.reference_*)"
+WHAT = "score case_00160 OR vs MAJ (the largest shared label map), file reading included"
+
+
+def skip_reason() -> str | None:
+    """None when the real label maps are there, else why the benchmark cannot run."""
+    if not (DEFAULT_DATA / "case_00160_MAJ.nii.gz").is_file():
+        return f"{DEFAULT_DATA} is absent: the real KiTS21 label maps live in ../shared"
+    return None
+
+
+def setup(quick: bool) -> tuple[str, Path, Path]:
+    """The largest pair (smallest in quick mode); files read once to warm the page cache."""
+    pairs = real_pairs(DEFAULT_DATA)
+    pairs.sort(key=lambda p: p[2].stat().st_size)
+    case, pred, ref = pairs[0] if quick else [p for p in pairs if p[0] == "case_00160_OR"][0]
+    pred.read_bytes(), ref.read_bytes()
+    return case, pred, ref
+
+
+def run_kitsnet(pair: tuple[str, Path, Path]) -> dict:
+    return score_case(*pair)
+
+
+def run_peer(pair: tuple[str, Path, Path]) -> dict:
+    return reference_score_case(*pair)
+
+
+def check(quick: bool) -> dict:
+    """Largest difference over the six metrics of the timed pair."""
+    pair = setup(quick)
+    ours, official = run_kitsnet(pair), run_peer(pair)
+    diff = max(abs(ours[c] - official[c]) for c in METRIC_COLUMNS)
+    return {"max_abs_diff": diff, "tolerance": TOLERANCE}
+
 
 def real_pairs(data: Path) -> list[tuple[str, Path, Path]]:
     """Every ``<case>_{AND,OR}.nii.gz`` with its ``<case>_MAJ.nii.gz``, named ``<case>_<agg>``."""

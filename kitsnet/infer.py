@@ -18,7 +18,7 @@ from scipy.ndimage import gaussian_filter
 
 from .io import load_json, save_volume
 from .network import build_network
-from .preprocess import resample
+from .preprocess import resample_argmax
 from .train import find_previous_stage, load_checkpoint
 
 
@@ -45,11 +45,41 @@ def gaussian_importance(patch: list[int], sigma_scale: float = 0.125) -> np.ndar
 
 
 def _mirror_sets(dim: int, axes: list[int] | None) -> list[tuple[int, ...]]:
+    """Every subset of the mirror axes (the empty one, i.e. no flip, first), as nnU-Net."""
     axes = list(range(dim)) if axes is None else axes
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-@torch.no_grad()
+def _mirrored_batch(x: torch.Tensor, flips: list[tuple[int, ...]]) -> torch.Tensor:
+    """(B, C, *P) tiles -> (len(flips) * B, C, *P): every tile under every flip, flip-major.
+
+    One forward pass over the whole stack instead of one per flip: on the CPU a batch of 8+
+    samples keeps every convolution on oneDNN (PyTorch falls back to its much slower im2col
+    ``slow_conv3d`` for batch-1 inputs with few channels, i.e. most layers below the first),
+    and per-layer overheads are paid once per stack instead of once per flip.
+    """
+    if len(flips) == 1 and not flips[0]:
+        return x
+    return torch.cat([torch.flip(x, [a + 2 for a in f]) if f else x for f in flips])
+
+
+def _unmirror_sum(out: torch.Tensor, flips: list[tuple[int, ...]], acc: torch.Tensor) -> None:
+    """Add the (len(flips) * B, K, *P) outputs, each flipped back, into ``acc`` (B, K, *P)."""
+    for f, o in zip(flips, out.unflatten(0, (len(flips), -1)), strict=True):
+        acc.add_(torch.flip(o, [a + 2 for a in f]) if f else o)
+
+
+def _normalisation(
+    starts: list[tuple[int, ...]], patch: list[int], weight: torch.Tensor, size: tuple[int, ...]
+) -> torch.Tensor:
+    """Sum of the tiles' Gaussian weights at every voxel (the denominator), computed once."""
+    norm = torch.zeros(size, dtype=torch.float32, device=weight.device)
+    for st in starts:
+        norm[tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True))] += weight
+    return norm
+
+
+@torch.inference_mode()
 def sliding_window(
     networks: list[torch.nn.Module],
     image: np.ndarray,
@@ -65,7 +95,11 @@ def sliding_window(
     """Average logits of ``networks`` over tiles (and mirrors) -> (num_classes, *S) float32.
 
     ``image`` is (C, *S) with len(patch) spatial dims.  The volume is padded to at least the
-    patch size and the padding removed again.
+    patch size and the padding removed again.  Each forward pass gets ``tile_batch`` tiles
+    under every mirroring at once (``tile_batch`` x 8 samples for 3D with mirroring), which is
+    what makes it fast on the CPU (see :func:`_mirrored_batch`) and peak activation memory
+    grows with it.  Float32 throughout: the Gaussian-weighted sum of the tiles and the sum of
+    the weights (computed once, not per tile), divided at the end.
     """
     dev = torch.device(device)
     dim = len(patch)
@@ -73,28 +107,28 @@ def sliding_window(
     pad = [max(p - s, 0) for p, s in zip(patch, spatial, strict=True)]
     pads = [(p // 2, p - p // 2) for p in pad]
     data = np.pad(image, [(0, 0), *pads], mode="constant") if any(pad) else image
-    size = data.shape[1:]
-    weight = torch.from_numpy(gaussian_importance(patch, sigma_scale)).to(dev)
-    logits = torch.zeros((num_classes, *size), dtype=torch.float32, device=dev)
-    norm = torch.zeros(size, dtype=torch.float32, device=dev)
+    size = tuple(data.shape[1:])
     x_all = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(dev)
     flips = _mirror_sets(dim, mirror_axes) if mirror else [()]
     starts = list(itertools.product(*compute_steps(list(size), patch, step)))
+    weight = torch.from_numpy(gaussian_importance(patch, sigma_scale)).to(dev)
+    norm = _normalisation(starts, patch, weight, size)
+    # the average over networks and flips folded into the tile weight: one multiply per tile
+    tile_weight = weight / (len(networks) * len(flips))
+    logits = torch.zeros((num_classes, *size), dtype=torch.float32, device=dev)
     for b in range(0, len(starts), tile_batch):
         chunk = starts[b : b + tile_batch]
         sl = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in chunk]
-        x = torch.stack([x_all[(slice(None), *s)] for s in sl])
-        pred = torch.zeros((len(chunk), num_classes, *patch), device=dev)
+        x = _mirrored_batch(torch.stack([x_all[(slice(None), *s)] for s in sl]), flips)
+        pred = torch.zeros((len(chunk), num_classes, *patch), dtype=torch.float32, device=dev)
         for net in networks:
-            for f in flips:
-                axes = [a + 2 for a in f]
-                xi = torch.flip(x, axes) if axes else x
-                out = net(xi).float()
-                pred += torch.flip(out, axes) if axes else out
-        pred /= len(networks) * len(flips)
+            # bf16 autocast on a GPU (as training); the sums stay float32.  CPU: float32.
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                out = net(x)
+            _unmirror_sum(out.float(), flips, pred)
+        pred.mul_(tile_weight)
         for s, p in zip(sl, pred, strict=True):
-            logits[(slice(None), *s)] += p * weight
-            norm[s] += weight
+            logits[(slice(None), *s)] += p
     logits /= norm
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, spatial, strict=True))
     return logits[(slice(None), *crop)].cpu().numpy()
@@ -142,31 +176,21 @@ def load_models(
 
 
 def logits_to_original(logits: np.ndarray, geometry: dict, plan: dict) -> np.ndarray:
-    """Resample logits (linear, one channel at a time, float32) to the original grid, argmax."""
-    shape = geometry["original_shape"]
-    best = np.full(shape, -np.inf, dtype=np.float32)
-    seg = np.zeros(shape, dtype=np.uint8)
-    for c in range(logits.shape[0]):
-        chan = resample(
-            logits[c],
-            shape,
-            1,
-            plan.get("spacing"),
-            plan["anisotropy_threshold"],
-            new_spacing=geometry["original_spacing"],
-        )
-        better = chan > best
-        seg[better] = c
-        best = np.where(better, chan, best)
-    return seg
+    """Labels on the original grid: logits resampled linearly and arg-maxed, slab by slab."""
+    return resample_argmax(
+        logits,
+        geometry["original_shape"],
+        plan.get("spacing"),
+        plan["anisotropy_threshold"],
+        new_spacing=geometry["original_spacing"],
+    )
 
 
 def logits_to_next_stage(
     logits: np.ndarray, shape: list[int], plan: dict, spacing: list[float]
 ) -> np.ndarray:
     """Lowres logits resampled (linear) to the fullres grid and arg-maxed -> uint8 labels."""
-    up = resample(logits, shape, 1, spacing, plan["anisotropy_threshold"])
-    return up.argmax(0).astype(np.uint8)
+    return resample_argmax(logits, shape, spacing, plan["anisotropy_threshold"])
 
 
 def write_prediction(seg: np.ndarray, geometry: dict, out_path: str | Path) -> None:

@@ -8,8 +8,9 @@ nnU-Net plans dict (CTNormalization, ``resample_data_or_seg_to_shape`` with nnU-
 kwargs: image order 3, segmentation order 1, order_z 0, separate-z decided automatically with
 threshold 3).
 
-Tolerances: normalised+resampled images to 1e-5 (measured: bit-identical), label maps and the
-resampled-back logits exactly equal.
+Tolerances: label maps exactly equal; kitsnet's exact (``ndimage.zoom``) resampling path
+bit-identical; its default separable float32 path (images, logits) to 1e-5 (measured: ~1e-6),
+and the exported labels equal except where nnU-Net's top two logits are within 1e-5.
 """
 
 from __future__ import annotations
@@ -168,11 +169,20 @@ def test_export_of_logits_matches_nnunet(cases) -> None:
     shape = target_shape(image.shape, list(spacing), plan["spacing"])
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((4, *shape)).astype(np.float32)
-    ours = resample(logits, image.shape, 1, plan["spacing"], plan["anisotropy_threshold"], spacing)
+    geom = (plan["spacing"], plan["anisotropy_threshold"], spacing)
     ref = resample_data_or_seg_to_shape(logits, image.shape, plan["spacing"], spacing, **PROB_KW)
-    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(resample(logits, image.shape, 1, *geom, exact=True), ref)
+    np.testing.assert_allclose(resample(logits, image.shape, 1, *geom), ref, rtol=0, atol=1e-5)
     geometry = {"original_shape": list(image.shape), "original_spacing": list(spacing)}
-    np.testing.assert_array_equal(logits_to_original(logits, geometry, plan), ref.argmax(0))
+    _assert_same_labels_but_near_ties(logits_to_original(logits, geometry, plan), ref)
+
+
+def _assert_same_labels_but_near_ties(labels: np.ndarray, ref_logits: np.ndarray) -> None:
+    """Arg-max equal wherever nnU-Net's two largest logits differ by more than 1e-5."""
+    top2 = np.sort(ref_logits, axis=0)[-2:]
+    decided = top2[1] - top2[0] > 1e-5
+    assert decided.mean() > 0.999
+    np.testing.assert_array_equal(labels[decided], ref_logits.argmax(0)[decided])
 
 
 @pytest.mark.parametrize(
@@ -195,9 +205,11 @@ def test_label_and_image_resampling_match_nnunet_on_random_labels(seed, factor, 
     ours = resample_labels(seg, new, spacing, 3.0, new_spacing=new_sp)
     ref = resample_data_or_seg_to_shape(seg[None].astype(np.int16), new, spacing, new_sp, **SEG_KW)
     np.testing.assert_array_equal(ours, ref[0])
-    ours_img = resample(img, new, 3, spacing, 3.0, new_spacing=new_sp)
-    ref_img = resample_data_or_seg_to_shape(img[None], new, spacing, new_sp, **DATA_KW)
-    np.testing.assert_array_equal(ours_img, ref_img[0])
+    ref_img = resample_data_or_seg_to_shape(img[None], new, spacing, new_sp, **DATA_KW)[0]
+    exact = resample(img, new, 3, spacing, 3.0, new_spacing=new_sp, exact=True)
+    np.testing.assert_array_equal(exact, ref_img)
+    fast = resample(img, new, 3, spacing, 3.0, new_spacing=new_sp)
+    np.testing.assert_allclose(fast, ref_img, rtol=0, atol=1e-5)
 
 
 def test_separate_z_rule_matches_nnunet() -> None:

@@ -1,0 +1,79 @@
+"""Inputs shared by the CPU benchmarks: a CT-like volume, plans, and nnU-Net's view of them."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
+FULLRES = [0.78125, 0.78125, 0.78125]  # the paper's grids (config/kits21.yaml)
+LOWRES = [1.99, 1.99, 1.99]
+NORMALIZATION = {"clip": [-79.0, 304.0], "mean": 101.0, "std": 76.9}  # KiTS21-like HU figures
+
+
+def peer_available() -> str | None:
+    """None when nnU-Net v2 can be imported, else why not."""
+    try:
+        import nnunetv2  # noqa: F401
+    except ImportError as exc:
+        return f"nnunetv2 is not installed (pip install -e '.[peer]'): {exc}"
+    return None
+
+
+def ct_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A smooth CT-like float32 volume in HU (air, soft tissue, contrast-enhanced blobs).
+
+    Smooth structure at several scales so resampling errors are representative; built at a
+    quarter resolution and zoomed up so that making a 200 x 512 x 512 volume takes ~1 s.
+    """
+    rng = np.random.default_rng(seed)
+    small = [max(4, s // 4) for s in shape]
+    coarse = ndimage.gaussian_filter(rng.standard_normal(small), 1.5) * 400 + 40
+    vol = ndimage.zoom(coarse, [s / c for s, c in zip(shape, small, strict=True)], order=1)
+    vol = vol[: shape[0], : shape[1], : shape[2]].astype(np.float32)
+    vol += rng.standard_normal(vol.shape, dtype=np.float32) * 20
+    return np.clip(vol, -1024, 2000)
+
+
+def kitsnet_plan(spacing: list[float]) -> dict:
+    """The parts of a kitsnet plan that preprocessing and export read."""
+    return {"spacing": spacing, "normalization": NORMALIZATION, "anisotropy_threshold": 3.0}
+
+
+def nnunet_plans_manager(configuration: str, spacing: list[float]):
+    """nnU-Net's PlansManager for one configuration with the same grid and CT statistics,
+    and nnU-Net's ExperimentPlanner default resampling settings."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data_kw = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    seg_kw = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
+    prob_kw = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
+    props = {
+        "mean": NORMALIZATION["mean"],
+        "std": NORMALIZATION["std"],
+        "percentile_00_5": NORMALIZATION["clip"][0],
+        "percentile_99_5": NORMALIZATION["clip"][1],
+    }
+    plans = {
+        "dataset_name": "Dataset000_Bench",
+        "plans_name": "nnUNetPlans",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "foreground_intensity_properties_per_channel": {"0": props},
+        "configurations": {
+            configuration: {
+                "spacing": spacing,
+                "patch_size": [128, 128, 128],
+                "normalization_schemes": ["CTNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": data_kw,
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg_kwargs": seg_kw,
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": prob_kw,
+                "architecture": {},
+            }
+        },
+    }
+    return PlansManager(plans)
