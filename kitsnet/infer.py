@@ -63,6 +63,19 @@ def _mirrored_batch(x: torch.Tensor, flips: list[tuple[int, ...]]) -> torch.Tens
     return torch.cat([torch.flip(x, [a + 2 for a in f]) if f else x for f in flips])
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, D, H, W) -> the same values with channels-last strides, whatever C is.
+
+    ``x.contiguous(memory_format=torch.channels_last_3d)`` is a no-op for a one-channel input
+    (its default strides already count as channels-last) and the convolution would then keep the
+    default layout; a copy into an explicitly channels-last buffer always gives channels-last
+    strides, so the first convolution, and every layer after it, runs channels-last.
+    """
+    n, c, *spatial = x.shape
+    out = torch.empty((n, *spatial, c), dtype=x.dtype, device=x.device)
+    return out.permute(0, 4, 1, 2, 3).copy_(x)
+
+
 def _unmirror_sum(out: torch.Tensor, flips: list[tuple[int, ...]], acc: torch.Tensor) -> None:
     """Add the (len(flips) * B, K, *P) outputs, each flipped back, into ``acc`` (B, K, *P)."""
     for f, o in zip(flips, out.unflatten(0, (len(flips), -1)), strict=True):
@@ -99,7 +112,9 @@ def sliding_window(
     under every mirroring at once (``tile_batch`` x 8 samples for 3D with mirroring), which is
     what makes it fast on the CPU (see :func:`_mirrored_batch`) and peak activation memory
     grows with it.  Float32 throughout: the Gaussian-weighted sum of the tiles and the sum of
-    the weights (computed once, not per tile), divided at the end.
+    the weights (computed once, not per tile), divided at the end.  3D on the CPU runs the
+    networks on channels-last activations (faster convolutions; same logits to float32
+    rounding), the networks themselves untouched.
     """
     dev = torch.device(device)
     dim = len(patch)
@@ -115,17 +130,24 @@ def sliding_window(
     norm = _normalisation(starts, patch, weight, size)
     # the average over networks and flips folded into the tile weight: one multiply per tile
     tile_weight = weight / (len(networks) * len(flips))
+    # 3D on the CPU: channels-last activations (only the input is converted; the weights keep
+    # their layout and the networks are not modified).  oneDNN's channels-last 3D convolutions
+    # are ~1.8x faster there, and kitsnet's InstanceNorm3d keeps channels-last inputs in their
+    # layout (see kitsnet.network.InstanceNorm3d).  GPUs and 2D: unchanged.
+    channels_last = dev.type == "cpu" and dim == 3
     logits = torch.zeros((num_classes, *size), dtype=torch.float32, device=dev)
     for b in range(0, len(starts), tile_batch):
         chunk = starts[b : b + tile_batch]
         sl = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in chunk]
         x = _mirrored_batch(torch.stack([x_all[(slice(None), *s)] for s in sl]), flips)
+        if channels_last:
+            x = _channels_last(x)
         pred = torch.zeros((len(chunk), num_classes, *patch), dtype=torch.float32, device=dev)
         for net in networks:
             # bf16 autocast on a GPU (as training); the sums stay float32.  CPU: float32.
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 out = net(x)
-            _unmirror_sum(out.float(), flips, pred)
+            _unmirror_sum(out.float().contiguous(), flips, pred)
         pred.mul_(tile_weight)
         for s, p in zip(sl, pred, strict=True):
             logits[(slice(None), *s)] += p

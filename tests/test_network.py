@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kitsnet.network import PlainConvUNet, build_network, features_per_stage
+from kitsnet.network import InstanceNorm3d, PlainConvUNet, build_network, features_per_stage
 
 
 def _arch(dim: int, features: list[int], strides: list[list[int]], **extra) -> dict:
@@ -103,6 +103,63 @@ def test_channels_last_matches_contiguous() -> None:
         model_cl = model.to(memory_format=torch.channels_last_3d)
         out = model_cl(x.to(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_instance_norm_matches_the_exact_norm_in_inference() -> None:
+    """CPU inference on channels-last inputs takes InstanceNorm3d's fast path (statistics on the
+    (N, S, C) view, no layout copies); its logits must equal the exact norm's to float32
+    rounding.  Training (gradients needed) keeps F.instance_norm."""
+    torch.manual_seed(0)
+    model = build_network(ARCH_3D, 2, 4).eval()
+    model.deep_supervision = False
+    norms = [m for m in model.modules() if isinstance(m, InstanceNorm3d)]
+    with torch.no_grad():  # non-trivial affine parameters, so scale and shift both matter
+        for m in norms:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 2, 8, 16, 16) * 20 + 5  # far from zero mean / unit variance
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    fast = []
+
+    def spy(m: InstanceNorm3d, args: tuple) -> None:
+        fast.append(m._fast_path(args[0]))
+
+    hooks = [m.register_forward_pre_hook(spy) for m in norms]
+    with torch.inference_mode():
+        ref = model(x)
+        assert fast == [False] * len(norms)  # contiguous input: the exact norm throughout
+        fast.clear()
+        out = model(x_cl)
+    assert fast == [True] * len(norms)  # channels-last input: every norm took the fast path
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    fast.clear()
+    model.train()(x_cl).sum().backward()  # gradients needed: the exact norm again
+    assert fast == [False] * len(norms)
+    for h in hooks:
+        h.remove()
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (50.0, 3.0), (100.0, 1e-3)])
+def test_channels_last_instance_norm_statistics_are_accurate(mean: float, std: float) -> None:
+    """Large means and near-constant channels (air in CT) are where one-pass statistics
+    (E[x^2] - E[x]^2) or long sequential float32 sums drift; the fast path must stay at float32
+    rounding of the float64 norm over 32^3 voxels per channel."""
+    torch.manual_seed(0)
+    norm = InstanceNorm3d(8, eps=1e-5, affine=True).eval()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 8, 32, 32, 32) * std + mean
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        assert norm._fast_path(x_cl)
+        out = norm(x_cl)
+        ref = torch.nn.functional.instance_norm(
+            x.double(), weight=norm.weight.double(), bias=norm.bias.double(), eps=1e-5
+        )
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
 
 
 def test_gradient_step_reduces_loss() -> None:
