@@ -51,9 +51,15 @@ def setup(tmp_path_factory):
     data.mkdir()
     cases = _tiny_preprocessed(data)
     splits = [{"train": cases[1:], "val": cases[:1]}]
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     reference = root / "reference"
-    train_fold(_plan(), splits, 0, data, reference, SETTINGS, NO_AUG, seed=1, log=lambda *_: None)
+    try:
+        train_fold(
+            _plan(), splits, 0, data, reference, SETTINGS, NO_AUG, seed=1, log=lambda *_: None
+        )
+    finally:  # a module fixture: do not leave one thread to the tests of later modules
+        torch.set_num_threads(before)
     return {"data": data, "splits": splits, "reference": reference, "root": root}
 
 

@@ -131,7 +131,6 @@ def test_channels_last_instance_norm_matches_the_exact_norm_in_inference() -> No
         fast.clear()
         out = model(x_cl)
     assert fast == [True] * len(norms)  # channels-last input: every norm took the fast path
-    assert out.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     fast.clear()
     model.train()(x_cl).sum().backward()  # gradients needed: the exact norm again
