@@ -58,6 +58,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import nnunet_architecture
+
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("kitsnet_train", "nnunet_train", "kitsnet_sw", "nnunet_sw")
 LABEL = {
@@ -458,30 +460,9 @@ def _nnunet_env(s: dict) -> None:
 
 def nnunet_plans(s: dict) -> tuple[dict, dict]:
     """nnU-Net plans + dataset.json equivalent to the kitsnet plan (as its planner writes them;
-    same mapping as tests/test_network_nnunet.py)."""
+    the architecture mapping is benchmarks.common.nnunet_architecture)."""
     plan = s["plan"]
-    arch = plan["arch"]
-    dim, n = arch["dim"], len(arch["features_per_stage"])
-    architecture = {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": n,
-            "features_per_stage": arch["features_per_stage"],
-            "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
-            "kernel_sizes": arch["kernel_sizes"],
-            "strides": arch["strides"],
-            "n_conv_per_stage": [arch["n_conv_per_stage"]] * n,
-            "n_conv_per_stage_decoder": [arch["n_conv_per_stage_decoder"]] * (n - 1),
-            "conv_bias": True,
-            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None,
-            "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
+    architecture = nnunet_architecture(plan["arch"])
     configuration = {
         "data_identifier": "nnUNetPlans_3d_fullres",
         "preprocessor_name": "DefaultPreprocessor",

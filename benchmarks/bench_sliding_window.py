@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import nnunet_architecture
+
 NAME = "sliding_window"
 GOAL = 1.3
 
@@ -68,27 +70,11 @@ def _nnunet_network(arch: dict[str, Any]):
     """nnU-Net's own network for ``arch`` (its planner's ``architecture`` entry, translated)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    n = len(arch["features_per_stage"])
-    kwargs = {
-        "n_stages": n,
-        "features_per_stage": arch["features_per_stage"],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": arch["kernel_sizes"],
-        "strides": arch["strides"],
-        "n_conv_per_stage": [arch["n_conv_per_stage"]] * n,
-        "n_conv_per_stage_decoder": [arch["n_conv_per_stage_decoder"]] * (n - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
+    a = nnunet_architecture(arch)
     return get_network_from_plans(
-        "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        kwargs,
-        ("conv_op", "norm_op", "dropout_op", "nonlin"),
+        a["network_class_name"],
+        a["arch_kwargs"],
+        a["_kw_requires_import"],
         1,
         NUM_CLASSES,
         allow_init=True,

@@ -9,6 +9,10 @@ LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
 FULLRES = [0.78125, 0.78125, 0.78125]  # the paper's grids (config/kits21.yaml)
 LOWRES = [1.99, 1.99, 1.99]
 NORMALIZATION = {"clip": [-79.0, 304.0], "mean": 101.0, "std": 76.9}  # KiTS21-like HU figures
+# nnU-Net's ExperimentPlanner defaults for every configuration
+DATA_KW = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+SEG_KW = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
+PROB_KW = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
 
 
 def peer_available() -> str | None:
@@ -35,6 +39,33 @@ def ct_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return np.clip(vol, -1024, 2000)
 
 
+def nnunet_architecture(arch: dict) -> dict:
+    """A kitsnet plan's ``arch`` as nnU-Net's planner writes ``configurations[c]['architecture']``
+    (its PlainConvUNet with the same stages, kernels, strides and norm); used wherever nnU-Net
+    must build the same network: the benchmarks and tests/test_network_nnunet.py."""
+    dim, n = arch["dim"], len(arch["features_per_stage"])
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n,
+            "features_per_stage": arch["features_per_stage"],
+            "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+            "kernel_sizes": arch["kernel_sizes"],
+            "strides": arch["strides"],
+            "n_conv_per_stage": [arch["n_conv_per_stage"]] * n,
+            "n_conv_per_stage_decoder": [arch["n_conv_per_stage_decoder"]] * (n - 1),
+            "conv_bias": True,
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
 def kitsnet_plan(spacing: list[float]) -> dict:
     """The parts of a kitsnet plan that preprocessing and export read."""
     return {"spacing": spacing, "normalization": NORMALIZATION, "anisotropy_threshold": 3.0}
@@ -45,9 +76,6 @@ def nnunet_plans_manager(configuration: str, spacing: list[float]):
     and nnU-Net's ExperimentPlanner default resampling settings."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    data_kw = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
-    seg_kw = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
-    prob_kw = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
     props = {
         "mean": NORMALIZATION["mean"],
         "std": NORMALIZATION["std"],
@@ -67,11 +95,11 @@ def nnunet_plans_manager(configuration: str, spacing: list[float]):
                 "normalization_schemes": ["CTNormalization"],
                 "use_mask_for_norm": [False],
                 "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": data_kw,
+                "resampling_fn_data_kwargs": DATA_KW,
                 "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg_kwargs": seg_kw,
+                "resampling_fn_seg_kwargs": SEG_KW,
                 "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": prob_kw,
+                "resampling_fn_probabilities_kwargs": PROB_KW,
                 "architecture": {},
             }
         },

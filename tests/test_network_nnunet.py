@@ -23,6 +23,7 @@ import yaml
 pytest.importorskip("nnunetv2", reason="nnU-Net v2 is only installed with the 'peer' extra")
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # noqa: E402
 
+from benchmarks.common import nnunet_architecture  # noqa: E402
 from kitsnet.network import build_network  # noqa: E402
 from kitsnet.plan import CONFIGURATIONS, make_plan  # noqa: E402
 
@@ -45,33 +46,8 @@ def _plans(**plan_overrides) -> dict[str, dict]:
     return {c: make_plan(c, _fingerprint(), cfg) for c in CONFIGURATIONS}
 
 
-def _nnunet_architecture(arch: dict) -> dict:
-    """Our plan's ``arch`` as nnU-Net's planner writes ``configurations[c]['architecture']``."""
-    dim, n = arch["dim"], len(arch["features_per_stage"])
-    return {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": n,
-            "features_per_stage": arch["features_per_stage"],
-            "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
-            "kernel_sizes": arch["kernel_sizes"],
-            "strides": arch["strides"],
-            "n_conv_per_stage": [arch["n_conv_per_stage"]] * n,
-            "n_conv_per_stage_decoder": [arch["n_conv_per_stage_decoder"]] * (n - 1),
-            "conv_bias": True,
-            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None,
-            "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
-        },
-        "_kw_requires_import": ("conv_op", "norm_op", "dropout_op", "nonlin"),
-    }
-
-
 def _nnunet(plan: dict) -> torch.nn.Module:
-    a = _nnunet_architecture(plan["arch"])
+    a = nnunet_architecture(plan["arch"])
     return get_network_from_plans(
         a["network_class_name"],
         a["arch_kwargs"],

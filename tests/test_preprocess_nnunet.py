@@ -37,6 +37,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import (  # noqa: E402
 )
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: E402
 
+from benchmarks.common import DATA_KW, PROB_KW, SEG_KW  # noqa: E402
 from kitsnet.infer import logits_to_original  # noqa: E402
 from kitsnet.plan import make_plan, target_shape  # noqa: E402
 from kitsnet.preprocess import (  # noqa: E402
@@ -50,10 +51,6 @@ from kitsnet.synth import generate_case  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
-# nnU-Net's ExperimentPlanner defaults for every configuration
-DATA_KW = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
-SEG_KW = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
-PROB_KW = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
 CASES = {"anisotropic": 0, "isotropic": 3}  # synth indices (seed 7): 2.5 mm and 1.5 mm slices
 
 
