@@ -13,8 +13,8 @@ single-threaded, in the main process:
   Gaussian blur, brightness, contrast, simulated low resolution, inverted gamma, gamma,
   mirroring, and the deep-supervision targets (the segmentation at 1, 1/2, 1/4, 1/8 [, 1/16]).
 
-kitsnet: :class:`kitsnet.train.PatchSampler` + :func:`kitsnet.augment.augment_batch` (one
-batched call), then the nearest-neighbour target downsampling ``kitsnet.train.total_loss``
+kitsnet: :class:`kitsnet.loader.PatchSampler` + :func:`kitsnet.augment.augment_batch` (one
+batched call), then the deep-supervision target downsampling ``kitsnet.loss.total_loss``
 does for every deep-supervision output with a non-zero weight -- exactly what ``train_fold``
 runs per iteration before the forward pass.  nnU-Net: its own ``nnUNetDataLoader`` over an
 ``nnUNetDatasetNumpy`` folder of the same arrays, with the transforms of
@@ -159,22 +159,17 @@ def _kitsnet_pipeline(sizes: dict[str, Any], root: Path, cases: list[str]) -> Ca
     """One training iteration's data work in ``kitsnet.train.train_fold``: sample, augment,
     deep-supervision targets.  Returns a function making one batch (and a checksum of it)."""
     import torch
-    import torch.nn.functional as F
 
     from kitsnet.augment import augment_batch
-    from kitsnet.train import CaseStore, PatchSampler, deep_supervision_weights, initial_patch_size
+    from kitsnet.loader import CaseStore, PatchSampler, augment_settings, region_size
+    from kitsnet.loss import deep_supervision_weights, downsample_target
 
     augmentation = _augmentation()
-    aug = {
-        k: v
-        for k, v in augmentation.items()
-        if k != "max_patch_growth" and not k.startswith("cascade_")
-    }
+    aug = augment_settings(augmentation, 3)
     patch = [sizes["patch"]] * 3
     store = CaseStore(cases, root / "kitsnet")
-    sampler = PatchSampler(
-        store, initial_patch_size(patch, augmentation), 3, OVERSAMPLE, np.random.default_rng(0)
-    )
+    region = region_size(patch, augmentation, 3)
+    sampler = PatchSampler(store, region, patch, 3, OVERSAMPLE, np.random.default_rng(0))
     gen = torch.Generator().manual_seed(0)
     scales = _ds_scales(sizes["patch"])
     weights = deep_supervision_weights(len(scales))
@@ -185,10 +180,7 @@ def _kitsnet_pipeline(sizes: dict[str, Any], root: Path, cases: list[str]) -> Ca
         img, seg = sampler.sample(sizes["batch"], 0)
         img_t, seg_t = augment_batch(torch.from_numpy(img), torch.from_numpy(seg), patch, aug, gen)
         seg_t = seg_t.long()
-        targets = [
-            seg_t if shape == patch else F.interpolate(seg_t.float(), shape, mode="nearest").long()
-            for shape in shapes
-        ]
+        targets = [downsample_target(seg_t, shape) for shape in shapes]
         return float(img_t.sum()) + sum(float(t.sum()) for t in targets)
 
     return batch

@@ -91,7 +91,8 @@ def settings(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
     """Everything the children need, decided once in the parent and written to setup.json.
 
     The plan is ``kitsnet.plan.make_plan('3d_fullres', ...)`` of config/kits21.yaml (the
-    paper's 128^3 patch, batch 2, 5 stages 30 -> 320); smoke mode only shrinks it.
+    paper's 128^3 patch, batch 2, 6 stages 30 -> 320 by nnU-Net's rule); smoke mode only
+    shrinks it.
     """
     import yaml
 
@@ -357,12 +358,12 @@ class _KitsPatches(torch.utils.data.IterableDataset):
     than int64 through shared and pinned memory) and is widened on the GPU.
     """
 
-    def __init__(self, s: dict, patch_in: list[int]) -> None:
+    def __init__(self, s: dict, region: list[int], patch: list[int]) -> None:
         super().__init__()
-        self.s, self.patch_in = s, patch_in
+        self.s, self.region, self.patch = s, region, patch
 
     def __iter__(self):
-        from kitsnet.train import CaseStore, PatchSampler
+        from kitsnet.loader import CaseStore, PatchSampler
 
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
@@ -370,7 +371,7 @@ class _KitsPatches(torch.utils.data.IterableDataset):
         store = CaseStore(s["cases"], Path(s["kits_dir"]))
         rng = np.random.default_rng([s["seed"], 1000 + wid])
         sampler = PatchSampler(
-            store, self.patch_in, s["plan"]["arch"]["dim"],
+            store, self.region, self.patch, s["plan"]["arch"]["dim"],
             s["training"]["oversample_foreground"], rng,
         )
         while True:
@@ -380,21 +381,21 @@ class _KitsPatches(torch.utils.data.IterableDataset):
 
 def run_kitsnet_train(s: dict) -> dict[str, Any]:
     from kitsnet.augment import augment_batch
-    from kitsnet.train import deep_supervision_weights, initial_patch_size, total_loss
+    from kitsnet.loader import augment_settings, region_size
+    from kitsnet.loss import deep_supervision_weights, total_loss
 
     info = device_info()
     dev = torch.device(info["device"])
     plan, tr, aug_cfg = s["plan"], s["training"], s["augmentation"]
     patch = list(plan["patch_size"])
-    patch_in = initial_patch_size(patch, aug_cfg)
-    # as train_fold: the sampler's growth and the cascade's settings are not augment_batch's
-    aug = {k: v for k, v in aug_cfg.items()
-           if k != "max_patch_growth" and not k.startswith("cascade_")}
+    dim = int(plan["arch"]["dim"])
+    region = region_size(patch, aug_cfg, dim)
+    aug = augment_settings(aug_cfg, dim)  # as train_fold
     torch.manual_seed(s["seed"])
     torch.backends.cudnn.benchmark = True
     n_workers = s["workers"]
     loader = torch.utils.data.DataLoader(
-        _KitsPatches(s, patch_in), batch_size=None, num_workers=n_workers,
+        _KitsPatches(s, region, patch), batch_size=None, num_workers=n_workers,
         pin_memory=dev.type == "cuda", prefetch_factor=2 if n_workers else None,
         persistent_workers=n_workers > 0,
         # fork, as nnU-Net's augmenter: workers only read memory-mapped numpy arrays
@@ -420,8 +421,7 @@ def run_kitsnet_train(s: dict) -> dict[str, Any]:
         img_t = img_t.contiguous(memory_format=fmt)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(img_t)
-        loss = total_loss(out, seg_t, weights, bool(tr.get("batch_dice", True)))
+            loss = total_loss(model(img_t), seg_t, weights, bool(plan.get("batch_dice", True)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), tr["grad_clip"])
         opt.step()
@@ -434,7 +434,7 @@ def run_kitsnet_train(s: dict) -> dict[str, Any]:
     res["peak_mem_gib"] = _peak_mem(dev)
     res["settings"] = {"autocast": "bf16" if use_amp else "off", "workers": n_workers,
                        "channels_last": s["channels_last"], "compile": s["compile"],
-                       "augmentation_on": str(dev), "sampled_patch": patch_in}
+                       "augmentation_on": str(dev), "sampled_patch": region}
     return res
 
 

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from .checkpoint import load_checkpoint
 from .io import load_json, save_volume
+from .loader import find_previous_stage
 from .network import build_network
-from .preprocess import resample_argmax
-from .train import find_previous_stage, load_checkpoint
+from .preprocess import grid_spacing
+from .resample import resample_argmax
 
 
 def compute_steps(image_size: list[int], patch: list[int], step: float) -> list[list[int]]:
@@ -198,13 +200,17 @@ def load_models(
 
 
 def logits_to_original(logits: np.ndarray, geometry: dict, plan: dict) -> np.ndarray:
-    """Labels on the original grid: logits resampled linearly and arg-maxed, slab by slab."""
+    """Labels on the original grid: logits resampled linearly and arg-maxed, slab by slab.
+
+    The logits are on the case's grid for ``plan`` (a 2D plan's grid keeps the case's own
+    slice spacing, :func:`kitsnet.preprocess.grid_spacing`)."""
+    original = geometry["original_spacing"]
     return resample_argmax(
         logits,
         geometry["original_shape"],
-        plan.get("spacing"),
+        grid_spacing(plan, original),
         plan["anisotropy_threshold"],
-        new_spacing=geometry["original_spacing"],
+        new_spacing=original,
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_LABELS = REPO.parent / "shared" / "kits21_labels"
+SHARED_PAPER = REPO.parent / "shared" / "paper"
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,13 @@ def shared_labels() -> Path:
     if not SHARED_LABELS.is_dir():
         pytest.skip(f"{SHARED_LABELS} is absent: the real KiTS21 label maps live in ../shared")
     return SHARED_LABELS
+
+
+@pytest.fixture(scope="session")
+def shared_paper() -> Path:
+    if not SHARED_PAPER.is_dir():
+        pytest.skip(f"{SHARED_PAPER} is absent: the paper's text lives in ../shared")
+    return SHARED_PAPER
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,8 @@ def test_export_writes_the_original_grid_and_geometry(tmp_path):
     logits = np.zeros((4, 16, 40, 40), np.float32)
     logits[0] = 1
     logits[1, 4:12, 10:30, 10:30] = 5
-    seg = logits_to_original(logits, geometry, {"anisotropy_threshold": 3.0})
+    plan = {"spacing": [1.5625, 1.0, 1.0], "anisotropy_threshold": 3.0}  # the logits grid
+    seg = logits_to_original(logits, geometry, plan)
     assert seg.shape == (10, 50, 50) and set(np.unique(seg)) == {0, 1}
     write_prediction(seg, geometry, tmp_path / "p.nii.gz")
     img = nib.load(tmp_path / "p.nii.gz")

@@ -185,9 +185,9 @@ def test_gradient_step_reduces_loss() -> None:
 @pytest.mark.parametrize(
     ("dim", "base", "cap", "n_stages", "in_channels", "expected"),
     [
-        (3, 30, 320, 5, 1, 15_048_196),  # paper's 3D networks (low-res / full-res)
-        (3, 30, 320, 5, 4, 15_050_626),  # cascade: CT + 3 one-hot channels of the coarse stage
-        (2, 32, 512, 7, 1, 33_474_840),  # nnU-Net's 2D KiTS plan
+        (3, 30, 320, 6, 1, 29_696_840),  # paper's 3D networks (low-res / full-res), 6 stages
+        (3, 30, 320, 6, 4, 29_699_270),  # cascade: CT + 3 one-hot channels of the coarse stage
+        (2, 30, 480, 8, 1, 40_720_708),  # paper's 2D network (512^2 patch, 8 stages)
     ],
 )
 def test_parameter_count_pinned_to_nnunet(

@@ -115,8 +115,8 @@ def test_pinned_counts_in_test_network_are_nnunets() -> None:
     """tests/test_network.py pins counts for CI runs without nnU-Net; keep them true."""
     from kitsnet.network import features_per_stage
 
-    expected = {(3, 30, 320, 5, 1): 15_048_196, (3, 30, 320, 5, 4): 15_050_626}
-    expected[(2, 32, 512, 7, 1)] = 33_474_840
+    expected = {(3, 30, 320, 6, 1): 29_696_840, (3, 30, 320, 6, 4): 29_699_270}
+    expected[(2, 30, 480, 8, 1)] = 40_720_708
     with torch.device("meta"):
         for (dim, base, cap, n, in_channels), count in expected.items():
             arch = {

@@ -19,6 +19,7 @@ from kitsnet.plan import (
     make_plan,
     make_splits,
 )
+from kitsnet.topology import pool_and_conv_props
 
 
 def test_splits_partition_the_cases_and_are_sorted():
@@ -66,17 +67,65 @@ def test_fingerprint_and_plans_of_tiny_dataset(tiny_kits, repo):
     plans = {c: make_plan(c, fp, cfg) for c in CONFIGURATIONS}
     full = plans["3d_fullres"]
     assert full["spacing"] == [0.78125] * 3 and full["patch_size"] == [128, 128, 128]
-    assert full["arch"]["features_per_stage"] == [30, 60, 120, 240, 320]
-    assert full["arch"]["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 4
+    # six stages: five down-samplings take 128 to 4 voxels (nnU-Net's topology rule)
+    assert full["arch"]["features_per_stage"] == [30, 60, 120, 240, 320, 320]
+    assert full["arch"]["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5
+    assert full["arch"]["kernel_sizes"] == [[3, 3, 3]] * 6
     assert plans["3d_lowres"]["spacing"] == [1.99] * 3
     assert plans["3d_cascade_fullres"]["in_channels"] == 4
     assert plans["3d_cascade_fullres"]["data"] == "3d_fullres"
-    assert plans["2d"]["arch"]["dim"] == 2 and plans["2d"]["batch_size"] == 12
+    two = plans["2d"]
+    assert two["arch"]["dim"] == 2 and two["batch_size"] == 12 and two["data"] == "2d"
+    assert two["spacing"] == [0.78125] * 2  # in-plane; each case keeps its slice spacing
+    assert two["arch"]["features_per_stage"] == [30, 60, 120, 240, 480, 480, 480, 480]
+    # nnU-Net's planner: per-sample Dice for the lowres stage only
+    assert {c: p["batch_dice"] for c, p in plans.items()} == {
+        "2d": True,
+        "3d_fullres": True,
+        "3d_lowres": False,
+        "3d_cascade_fullres": True,
+    }
 
 
 def test_auto_lowres_spacing_grows_until_patch_covers_a_quarter():
-    fp = {"shapes": [[400, 400, 400]], "spacings": [[1.0, 1.0, 1.0]]}
-    sp = auto_lowres_spacing(fp, [1.0, 1.0, 1.0], [128, 128, 128])
+    sp = auto_lowres_spacing([1.0, 1.0, 1.0], [400, 400, 400], lambda _: 128**3)
     shape = 400 / np.array(sp)
     assert np.prod([128] * 3) >= 0.25 * np.prod(shape)
     assert np.prod([128] * 3) < 0.25 * np.prod(shape * 1.03)
+
+
+def test_auto_lowres_spacing_grows_the_fine_axes_of_an_anisotropic_grid_first():
+    sp = auto_lowres_spacing([3.0, 0.8, 0.8], [100, 300, 300], lambda _: 64 * 128 * 128)
+    assert sp[0] == 3.0 and sp[1] == sp[2] > 0.8
+
+
+def _fp(shape=(400, 512, 512), spacing=(0.78125, 0.78125, 0.78125)):
+    fi = {"mean": 100.0, "std": 75.0, "percentile_00_5": -50.0, "percentile_99_5": 300.0}
+    return {"shapes": [list(shape)], "spacings": [list(spacing)], "foreground_intensity": fi}
+
+
+def test_depth_follows_the_patch_by_nnunets_rule(repo):
+    cfg = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    demo = {c: make_plan(c, _fp(), cfg)["arch"] for c in CONFIGURATIONS}
+    assert len(demo["3d_fullres"]["strides"]) == 4  # 32 -> 4: three poolings
+    assert len(demo["2d"]["strides"]) == 5  # 64 -> 4: four poolings
+    cfg["plan"]["patch_size_3d"] = [48, 96, 80]  # 80 and 96 are not powers of two
+    arch = make_plan("3d_fullres", _fp(), cfg)["arch"]
+    assert arch["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+    assert make_plan("3d_fullres", _fp(), cfg)["patch_size"] == [48, 96, 80]
+
+
+def test_a_configured_depth_may_only_be_shallower_than_the_rule(repo):
+    cfg = yaml.safe_load((repo / "config" / "kits21.yaml").read_text())
+    cfg["plan"]["n_stages_3d"] = 4
+    assert make_plan("3d_fullres", _fp(), cfg)["arch"]["features_per_stage"] == [30, 60, 120, 240]
+    cfg["plan"]["n_stages_3d"] = 7
+    with pytest.raises(KitsnetError, match="allows 2..6 stages"):
+        make_plan("3d_fullres", _fp(), cfg)
+
+
+def test_thick_slices_are_not_pooled_until_in_plane_catches_up():
+    topo = pool_and_conv_props([5.0, 0.8, 0.8], [16, 256, 256])
+    assert topo.strides[:4] == [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2]]
+    assert topo.kernel_sizes[:3] == [[1, 3, 3], [1, 3, 3], [3, 3, 3]]
+    assert topo.kernel_sizes[-1] == [3, 3, 3]

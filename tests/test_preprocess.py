@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kitsnet.preprocess import normalize_ct, resample, resample_argmax, resample_labels
+from kitsnet.preprocess import normalize_ct
+from kitsnet.resample import resample, resample_argmax, resample_labels
 
 
 def _blob(shape):

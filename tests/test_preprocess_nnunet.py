@@ -40,13 +40,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa
 from benchmarks.common import DATA_KW, PROB_KW, SEG_KW  # noqa: E402
 from kitsnet.infer import logits_to_original  # noqa: E402
 from kitsnet.plan import make_plan, target_shape  # noqa: E402
-from kitsnet.preprocess import (  # noqa: E402
-    normalize_ct,
-    preprocess_image,
-    resample,
-    resample_labels,
-    separate_z_axis,
-)
+from kitsnet.preprocess import grid_spacing, normalize_ct, preprocess_image  # noqa: E402
+from kitsnet.resample import resample, resample_labels, separate_z_axis  # noqa: E402
 from kitsnet.synth import generate_case  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,16 +124,19 @@ def test_ct_normalisation_matches_nnunet(cases) -> None:
     np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("configuration", ["3d_lowres", "3d_fullres"])
+@pytest.mark.parametrize("configuration", ["2d", "3d_lowres", "3d_fullres"])
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_preprocessing_of_a_case_matches_nnunet(cases, case_name, configuration) -> None:
+    """3D plans resample to their spacing; the 2D plan's in-plane spacing only, each case keeping
+    its slice spacing, which nnU-Net's preprocessor does for a configuration with two spacings."""
     image, label, spacing = cases[case_name]
     plan = _plan(configuration, cases[case_name])
-    shape = target_shape(image.shape, list(spacing), plan["spacing"])
+    new_spacing = grid_spacing(plan, spacing)
+    shape = target_shape(image.shape, list(spacing), new_spacing)
     img = preprocess_image(image, spacing, plan)
-    seg = resample_labels(
-        label, shape, spacing, plan["anisotropy_threshold"], new_spacing=plan["spacing"]
-    )
+    seg = resample_labels(label, shape, spacing, plan["anisotropy_threshold"], new_spacing)
+    if configuration == "2d":
+        assert new_spacing == [spacing[0], *plan["spacing"]] and shape[0] == image.shape[0]
 
     pm = PlansManager(_nnunet_plans(plan))
     ref_img, ref_seg, props = DefaultPreprocessor(verbose=False).run_case_npy(
@@ -151,7 +149,7 @@ def test_preprocessing_of_a_case_matches_nnunet(cases, case_name, configuration)
     )
     # CT has no zero border, so nnU-Net's crop-to-nonzero keeps the whole image
     assert props["bbox_used_for_cropping"] == [[0, s] for s in image.shape]
-    assert list(shape) == list(compute_new_shape(image.shape, spacing, plan["spacing"]))
+    assert list(shape) == list(compute_new_shape(image.shape, spacing, new_spacing))
     assert img.shape == ref_img.shape and seg.shape == ref_seg.shape[1:]
     np.testing.assert_allclose(img, ref_img, rtol=0, atol=1e-5)
     # crop_to_nonzero marks voxels of exactly 0 HU connected to the border as -1 ("outside");

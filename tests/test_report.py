@@ -83,14 +83,31 @@ def test_write_table_markdown_and_byte_identical(tmp_path, score_files):
     assert f"{0.9 - 0.9748:.4f}" in md  # our cascade kidney Dice minus the paper's
     assert "| 3d_cascade_fullres | dice_kidney |" in md
     assert "| 3 |" in md  # number of cases for the cascade
+    assert "0.5787" in md  # every paper value is listed, e.g. the 2D tumour Surface Dice
 
 
 def test_paper_table_has_every_config_and_metric():
     assert list(PAPER_TABLE1) == CONFIG_ORDER
     for row in PAPER_TABLE1.values():
         assert set(row) == set(METRIC_COLUMNS)
+        assert not any(math.isnan(v) for v in row.values())
     assert PAPER_TABLE1["3d_cascade_fullres"]["dice_kidney"] == 0.9748
-    assert math.isnan(PAPER_TABLE1["2d"]["dice_kidney"])
+
+
+def test_paper_table_is_the_papers_table_1(shared_paper):
+    """All 24 values equal the tab-separated Table 1 block of the paper's text, row by row
+    (2D, 3D FullRes, 3D LowRes, 3D Cascade; Dice then SD, each kidney, "Cyst" = masses, tumor)."""
+    text = next(shared_paper.glob("*.txt")).read_text()
+    names = {"2D": "2d", "3D FullRes": "3d_fullres", "3D LowRes": "3d_lowres"}
+    names["3D Cascade"] = "3d_cascade_fullres"
+    rows = {}
+    for line in text.splitlines():
+        cells = line.split("\t")
+        if cells[0] in names and len(cells) == 7:
+            rows[names[cells[0]]] = [float(c) for c in cells[1:]]
+    assert len(rows) == 4
+    for config, values in rows.items():
+        assert [PAPER_TABLE1[config][m] for m in METRIC_COLUMNS] == values
 
 
 def test_missing_score_file_names_the_file(tmp_path, score_files):

@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from kitsnet.augment import DEFAULTS
+from kitsnet.loss import dc_ce_loss, deep_supervision_weights, total_loss
 from kitsnet.network import build_network
-from kitsnet.train import (
-    _crop,
-    dc_ce_loss,
-    deep_supervision_weights,
-    load_checkpoint,
-    total_loss,
-    train_fold,
-)
+from kitsnet.train import load_checkpoint, train_fold
 
 ARCH = {
     "dim": 3,
@@ -56,13 +50,6 @@ def test_one_training_step_lowers_the_loss():
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
-
-
-def test_crop_pads_outside_the_volume():
-    arr = np.arange(27).reshape(3, 3, 3)
-    out = _crop(arr, np.array([-1, 1, 2]), (3, 3, 3), -5)
-    assert out.shape == (3, 3, 3)
-    assert (out[0] == -5).all() and out[1, 0, 0] == arr[0, 1, 2] and out[1, 0, 1] == -5
 
 
 def _tiny_preprocessed(root, n=5, shape=(20, 24, 24)):

@@ -55,7 +55,7 @@ def test_paper_dag_plans_20_gpu_training_jobs(repo, tmp_path, kits_layout):
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
     assert counts["train"] == "20"
     assert int(counts["predict"]) + int(counts["predict_lowres"]) == 20
-    assert counts["evaluate"] == "20" and counts["preprocess"] == "20"  # 10 cases x 2 grids
+    assert counts["evaluate"] == "20" and counts["preprocess"] == "30"  # 10 cases x 3 grids
     assert "synth" not in counts
     blocks = out.split("\nrule ")
     train_blocks = [b for b in blocks if b.startswith("train:")]
