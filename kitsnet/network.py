@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .plan import features_per_stage  # re-exported: widths belong to the plan
+
 __all__ = [
     "InstanceNorm3d",
     "PlainConvUNet",
@@ -91,17 +93,6 @@ class InstanceNorm3d(nn.InstanceNorm3d):
 
 
 _NORM = {2: nn.InstanceNorm2d, 3: InstanceNorm3d}
-
-
-def features_per_stage(base: int, cap: int, n_stages: int) -> list[int]:
-    """Feature widths per stage: ``base`` doubled at every stage, never above ``cap``.
-
-    nnU-Net's rule (``min(base * 2**s, cap)``); e.g. 3D KiTS: 30 -> 320 over 5 stages gives
-    ``[30, 60, 120, 240, 320]``.
-    """
-    if base <= 0 or cap <= 0 or n_stages <= 0:
-        raise ValueError(f"base, cap and n_stages must be positive, got {base}, {cap}, {n_stages}")
-    return [min(base * 2**s, cap) for s in range(n_stages)]
 
 
 class ConvNormAct(nn.Module):

@@ -68,7 +68,10 @@ def fingerprint(
 
 
 def features_per_stage(base: int, cap: int, n_stages: int) -> list[int]:
-    """Widths doubling from ``base`` per resolution step, capped (30 -> 320 in the paper)."""
+    """Widths doubling from ``base`` per stage, never above ``cap`` (nnU-Net's
+    ``min(base * 2**s, cap)``): 30 -> 320 over 6 stages in the paper's 3D networks."""
+    if base <= 0 or cap <= 0 or n_stages <= 0:
+        raise ValueError(f"base, cap and n_stages must be positive, got {base}, {cap}, {n_stages}")
     return [min(base * 2**i, cap) for i in range(n_stages)]
 
 

@@ -80,8 +80,8 @@ def pool_and_conv_props(
             current[a] *= 2
             size[a] = math.ceil(size[a] / 2)
     kernels.append([3] * dim)
-    divisor = [math.prod(s[a] for s in strides) for a in range(dim)]
-    return Topology(strides, kernels, round_up([int(p) for p in patch_size], divisor))
+    unrounded = Topology(strides, kernels, [int(p) for p in patch_size])
+    return Topology(strides, kernels, round_up(unrounded.patch_size, unrounded.divisor))
 
 
 def feature_map_values(

@@ -359,12 +359,12 @@ def _augment_previous_stage(onehot: torch.Tensor, aug: dict, gen: torch.Generato
 def _validate(net, sampler, batch, n_prev, iterations, weights, batch_dice, dev, n_classes):
     """Validation loss and nnU-Net's pseudo-Dice (per-class TP/FP/FN summed over patches)."""
     net.eval()
+    dtype = amp_dtype(dev)
     tp = np.zeros(n_classes - 1)
     fp, fn, losses = tp.copy(), tp.copy(), []
     for _ in range(iterations):
         img, seg = sampler.sample(batch, n_prev)
         x, y = torch.from_numpy(img).to(dev), torch.from_numpy(seg).to(dev)
-        dtype = amp_dtype(dev)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             out = net(x)
             losses.append(float(total_loss(out, y, weights, batch_dice)))
