@@ -17,11 +17,13 @@ so it is defensive by construction:
 
 What is measured (both sides get the same network, patch, batch, data and CPU worker count):
 
-1. ``kitsnet_train``: kitsnet's network (``build_network`` of the paper's 3d_fullres plan),
-   deep supervision, CE + Dice (``total_loss``), SGD momentum 0.99 Nesterov, gradient clipping
-   12, bf16 autocast, channels-last 3D (``--no-channels-last`` to disable); patches from
-   ``PatchSampler`` over memory-mapped synthetic cases in N ``DataLoader`` workers, augmented on
-   the GPU with ``kitsnet.augment.augment_batch``.
+1. ``kitsnet_train``: the workflow's own training function, ``kitsnet.train.train_fold``, as a
+   training job calls it, on the paper's 3d_fullres plan (6 stages, 128^3 from a 205^3 region,
+   batch 2) over memory-mapped real-size synthetic cases (528 x 512 x 512, the paper's median
+   fullres shape): its input pipeline with N workers (``kitsnet.pipeline``: uint8 labels,
+   pinned memory, augmentation on the GPU), bf16 autocast, channels-last 3D
+   (``--no-channels-last`` to disable), cuDNN autotuning, optional ``--compile``.  Two epochs of
+   ``--iterations`` (default 100); the second is timed from train_fold's own log lines.
 2. ``nnunet_train``: nnU-Net v2's own pieces -- the network from its plans
    (``build_network_architecture``), ``_build_loss`` (DeepSupervisionWrapper(DC_and_CE_loss)),
    ``configure_optimizers``, ``get_training_transforms`` in ``nnUNetDataLoader`` inside
@@ -107,7 +109,8 @@ def settings(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
     fp = {"shapes": [[400, 512, 512]], "spacings": [[0.78, 0.78, 0.78]], "foreground_intensity": fi}
     plan = make_plan("3d_fullres", fp, cfg)
     workers = args.workers if args.workers is not None else (1 if smoke else min(8, os.cpu_count()))
-    case_shape = [48, 56, 56] if smoke else [256, 288, 288]
+    # the paper's median 3d_fullres case (528 x 512 x 512 voxels at 0.78 mm)
+    case_shape = [48, 56, 56] if smoke else [528, 512, 512]
     sw_shape = args.sw_shape or ([32, 40, 32] if smoke else [512, 512, 512])
     return {
         "smoke": smoke,
@@ -116,7 +119,8 @@ def settings(smoke: bool, args: argparse.Namespace) -> dict[str, Any]:
         "augmentation": cfg["augmentation"],
         "inference": cfg["inference"],
         "workers": int(workers),
-        "cases": [f"case_{i:05d}" for i in range(2 if smoke else 4)],
+        "cases": [f"case_{i:05d}" for i in range(2 if smoke else 3)],
+        "iterations": args.iterations or (2 if smoke else 100),
         "case_shape": case_shape,
         "sw_shape": [int(s) for s in sw_shape],
         "warmup_iters": 1 if smoke else 15,
@@ -134,6 +138,8 @@ def part_timeout(part: str, s: dict) -> float:
     if s["smoke"]:
         return 60.0
     compile_s = 240.0 if s["compile"] else 0.0
+    if part == "kitsnet_train":  # two epochs of train_fold, at >= 2.5 it/s
+        return 120.0 + 2 * s["iterations"] * 0.4 + compile_s
     if part.endswith("_train"):
         return s["seconds"] + 120.0 + compile_s
     return 150.0 + compile_s
@@ -235,9 +241,16 @@ class UtilSampler:
     def _nvidia_smi(self) -> float | None:
         try:
             out = subprocess.run(
-                ["nvidia-smi", "-i", self._gpu, "--query-gpu=utilization.gpu",
-                 "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=2,
+                [
+                    "nvidia-smi",
+                    "-i",
+                    self._gpu,
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=2,
             )
             return float(out.stdout.strip().splitlines()[0])
         except Exception:
@@ -269,8 +282,11 @@ class UtilSampler:
 
     def result(self) -> dict[str, Any]:
         mean = float(np.mean(self.samples)) if self.samples else None
-        return {"gpu_util_mean": mean, "gpu_util_samples": len(self.samples),
-                "gpu_util_source": self.source}
+        return {
+            "gpu_util_mean": mean,
+            "gpu_util_samples": len(self.samples),
+            "gpu_util_source": self.source,
+        }
 
 
 def forward_flops(make_net, in_channels: int, batch: int, patch: list[int]) -> float | None:
@@ -321,9 +337,16 @@ def measure(step, dev, s: dict) -> dict[str, Any]:
         _sync(dev)
         elapsed = time.perf_counter() - t0
     finite = all(np.isfinite(v) for v in losses)
-    return {"iterations": n, "seconds": elapsed, "iters_per_s": n / elapsed,
-            "sec_per_iter": elapsed / n, "warmup_s": warmup_s, "loss_last": losses[-1],
-            "loss_finite": finite, **util.result()}
+    return {
+        "iterations": n,
+        "seconds": elapsed,
+        "iters_per_s": n / elapsed,
+        "sec_per_iter": elapsed / n,
+        "warmup_s": warmup_s,
+        "loss_last": losses[-1],
+        "loss_finite": finite,
+        **util.result(),
+    }
 
 
 def flop_figures(res: dict, fwd: float | None, info: dict, factor: float, n_passes: float) -> None:
@@ -350,91 +373,93 @@ def _kitsnet_net(s: dict):
     return build_network(p["arch"], p["in_channels"], p["num_classes"])
 
 
-class _KitsPatches(torch.utils.data.IterableDataset):
-    """Endless batches from kitsnet's PatchSampler; one sampler (own RNG stream) per worker.
+class _EpochClock:
+    """Times the second epoch of a ``train_fold`` run from its own log lines: the line
+    ``epoch 0: ...`` ends the warm-up epoch (worker start, cuDNN autotuning, compilation), the
+    line ``epoch 1: ...`` ends the timed one.  GPU utilisation is sampled in between."""
 
-    An ``IterableDataset`` so that a ``DataLoader`` with N workers runs N samplers in parallel,
-    the way nnU-Net's augmenter runs N loaders; the label crop travels as uint8 (8x fewer bytes
-    than int64 through shared and pinned memory) and is widened on the GPU.
-    """
+    def __init__(self, dev) -> None:
+        self.util = UtilSampler(dev.type == "cuda")
+        self.dev, self.t0, self.t1 = dev, None, None
+        self.lines: list[str] = []
 
-    def __init__(self, s: dict, region: list[int], patch: list[int]) -> None:
-        super().__init__()
-        self.s, self.region, self.patch = s, region, patch
-
-    def __iter__(self):
-        from kitsnet.loader import CaseStore, PatchSampler
-
-        info = torch.utils.data.get_worker_info()
-        wid = info.id if info is not None else 0
-        s = self.s
-        store = CaseStore(s["cases"], Path(s["kits_dir"]))
-        rng = np.random.default_rng([s["seed"], 1000 + wid])
-        sampler = PatchSampler(
-            store, self.region, self.patch, s["plan"]["arch"]["dim"],
-            s["training"]["oversample_foreground"], rng,
-        )
-        while True:
-            img, seg = sampler.sample(int(s["plan"]["batch_size"]), 0)
-            yield torch.from_numpy(img), torch.from_numpy(seg.astype(np.uint8))
+    def __call__(self, msg: str) -> None:
+        self.lines.append(str(msg))
+        log(f"train_fold: {msg}")
+        if str(msg).startswith("epoch 0:"):
+            self.t0 = time.perf_counter()
+            self.util.__enter__()
+        elif str(msg).startswith("epoch 1:"):
+            self.t1 = time.perf_counter()
+            self.util.__exit__()
 
 
 def run_kitsnet_train(s: dict) -> dict[str, Any]:
-    from kitsnet.augment import augment_batch
-    from kitsnet.loader import augment_settings, region_size
-    from kitsnet.loss import deep_supervision_weights, total_loss
+    """The workflow's own training function, ``kitsnet.train.train_fold``, as a training job
+    calls it (input pipeline with N workers, bf16 autocast, channels-last, cuDNN autotuning,
+    optional compile), for two epochs of ``iterations`` each; the second epoch is timed."""
+    from kitsnet.train import train_fold
 
     info = device_info()
     dev = torch.device(info["device"])
-    plan, tr, aug_cfg = s["plan"], s["training"], s["augmentation"]
-    patch = list(plan["patch_size"])
-    dim = int(plan["arch"]["dim"])
-    region = region_size(patch, aug_cfg, dim)
-    aug = augment_settings(aug_cfg, dim)  # as train_fold
-    torch.manual_seed(s["seed"])
-    torch.backends.cudnn.benchmark = True
-    n_workers = s["workers"]
-    loader = torch.utils.data.DataLoader(
-        _KitsPatches(s, region, patch), batch_size=None, num_workers=n_workers,
-        pin_memory=dev.type == "cuda", prefetch_factor=2 if n_workers else None,
-        persistent_workers=n_workers > 0,
-        # fork, as nnU-Net's augmenter: workers only read memory-mapped numpy arrays
-        multiprocessing_context="fork" if n_workers else None,
+    plan, n = s["plan"], int(s["iterations"])
+    training = dict(
+        s["training"],
+        epochs=2,
+        iterations_per_epoch=n,
+        val_iterations=1,
+        checkpoint_every=1000,
+        workers=s["workers"],
+        compile=s["compile"],
+        channels_last=s["channels_last"],
+        device=info["device"],
     )
-    net = _kitsnet_net(s).to(dev)
-    fmt = torch.channels_last_3d if s["channels_last"] else torch.contiguous_format
-    net = net.to(memory_format=fmt)
-    model = torch.compile(net) if s["compile"] else net
-    opt = torch.optim.SGD(net.parameters(), lr=tr["initial_lr"], momentum=tr["momentum"],
-                          nesterov=tr["nesterov"], weight_decay=tr["weight_decay"])
-    weights = deep_supervision_weights(len(plan["arch"]["features_per_stage"]) - 1)
-    gen = torch.Generator(device=dev).manual_seed(s["seed"])
-    use_amp = dev.type == "cuda"
-    batches = iter(loader)
-    net.train()
-
-    def step() -> float:
-        img, seg = next(batches)
-        img = img.to(dev, non_blocking=True)
-        seg = seg.to(dev, non_blocking=True).long()
-        img_t, seg_t = augment_batch(img, seg, patch, aug, gen)
-        img_t = img_t.contiguous(memory_format=fmt)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = total_loss(model(img_t), seg_t, weights, bool(plan.get("batch_dice", True)))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), tr["grad_clip"])
-        opt.step()
-        return float(loss.detach())
-
-    res = measure(step, dev, s)
-    fwd = forward_flops(lambda: _kitsnet_net(s), plan["in_channels"], plan["batch_size"], patch)
+    cases = list(s["cases"])
+    splits = [{"train": cases, "val": cases[:1]}]
+    clock = _EpochClock(dev)
+    out = Path(s["tmp"]) / "kitsnet_model"
+    t_start = time.perf_counter()
+    train_fold(
+        plan,
+        splits,
+        0,
+        s["kits_dir"],
+        out,
+        training,
+        s["augmentation"],
+        seed=s["seed"],
+        device=info["device"],
+        log=clock,
+    )
+    if clock.t0 is None or clock.t1 is None:
+        raise RuntimeError(f"train_fold did not log two epochs: {clock.lines}")
+    elapsed = clock.t1 - clock.t0
+    history = (out / "training_log.csv").read_text().splitlines()
+    last = dict(zip(history[0].split(","), history[-1].split(","), strict=True))
+    res = {
+        "iterations": n,
+        "seconds": elapsed,
+        "iters_per_s": n / elapsed,
+        "sec_per_iter": elapsed / n,
+        "warmup_s": clock.t0 - t_start,
+        "loss_last": float(last["train_loss"]),
+        "loss_finite": bool(np.isfinite(float(last["train_loss"]))),
+        "timed": "epoch 1 of train_fold: iterations + 1 validation batch",
+        **clock.util.result(),
+    }
+    fwd = forward_flops(
+        lambda: _kitsnet_net(s), plan["in_channels"], plan["batch_size"], list(plan["patch_size"])
+    )
     flop_figures(res, fwd, info, 3.0, 1)
     res.update(info)
     res["peak_mem_gib"] = _peak_mem(dev)
-    res["settings"] = {"autocast": "bf16" if use_amp else "off", "workers": n_workers,
-                       "channels_last": s["channels_last"], "compile": s["compile"],
-                       "augmentation_on": str(dev), "sampled_patch": region}
+    res["settings"] = {
+        "autocast": "bf16" if dev.type == "cuda" else "off",
+        "workers": s["workers"],
+        "channels_last": s["channels_last"],
+        "compile": s["compile"],
+        "function": "kitsnet.train.train_fold",
+    }
     return res
 
 
@@ -514,9 +539,17 @@ def _nnunet_trainer_standin(s: dict, dev):
     cm = pm.get_configuration("3d_fullres")
     lm = pm.get_label_manager(dataset_json)
     tr = SimpleNamespace(
-        plans_manager=pm, configuration_manager=cm, label_manager=lm, dataset_json=dataset_json,
-        enable_deep_supervision=True, is_ddp=False, device=dev, initial_lr=1e-2,
-        weight_decay=3e-5, num_epochs=1000, oversample_foreground_percent=0.33,
+        plans_manager=pm,
+        configuration_manager=cm,
+        label_manager=lm,
+        dataset_json=dataset_json,
+        enable_deep_supervision=True,
+        is_ddp=False,
+        device=dev,
+        initial_lr=1e-2,
+        weight_decay=3e-5,
+        num_epochs=1000,
+        oversample_foreground_percent=0.33,
         print_to_log_file=lambda *a, **k: None,
     )
     tr._do_i_compile = lambda: bool(s["compile"]) and dev.type == "cuda"
@@ -527,8 +560,11 @@ def _nnunet_net(s: dict, tr, deep_supervision: bool):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     return nnUNetTrainer.build_network_architecture(
-        tr.plans_manager, tr.configuration_manager, s["plan"]["in_channels"],
-        tr.label_manager.num_segmentation_heads, deep_supervision,
+        tr.plans_manager,
+        tr.configuration_manager,
+        s["plan"]["in_channels"],
+        tr.label_manager.num_segmentation_heads,
+        deep_supervision,
     )
 
 
@@ -562,15 +598,28 @@ def run_nnunet_train(s: dict) -> dict[str, Any]:
         T.configure_rotation_dummyDA_mirroring_and_inital_patch_size(tr)
     )
     transforms = T.get_training_transforms(
-        cm.patch_size, rotation, tr._get_deep_supervision_scales(), mirror_axes, dummy_2d,
-        use_mask_for_norm=cm.use_mask_for_norm, is_cascaded=False,
-        foreground_labels=lm.foreground_labels, regions=None, ignore_label=lm.ignore_label,
+        cm.patch_size,
+        rotation,
+        tr._get_deep_supervision_scales(),
+        mirror_axes,
+        dummy_2d,
+        use_mask_for_norm=cm.use_mask_for_norm,
+        is_cascaded=False,
+        foreground_labels=lm.foreground_labels,
+        regions=None,
+        ignore_label=lm.ignore_label,
     )
     dataset = nnUNetDatasetNumpy(s["nnunet_dir"], list(s["cases"]))
     dl = nnUNetDataLoader(
-        dataset, cm.batch_size, initial_patch, cm.patch_size, lm,
+        dataset,
+        cm.batch_size,
+        initial_patch,
+        cm.patch_size,
+        lm,
         oversample_foreground_percent=tr.oversample_foreground_percent,
-        sampling_probabilities=None, pad_sides=None, transforms=transforms,
+        sampling_probabilities=None,
+        pad_sides=None,
+        transforms=transforms,
         probabilistic_oversampling=False,
     )
     n = s["workers"]
@@ -578,8 +627,13 @@ def run_nnunet_train(s: dict) -> dict[str, Any]:
         gen = SingleThreadedAugmenter(dl, None)
     else:
         gen = NonDetMultiThreadedAugmenter(
-            data_loader=dl, transform=None, num_processes=n, num_cached=max(6, n // 2),
-            seeds=None, pin_memory=dev.type == "cuda", wait_time=0.002,
+            data_loader=dl,
+            transform=None,
+            num_processes=n,
+            num_cached=max(6, n // 2),
+            seeds=None,
+            pin_memory=dev.type == "cuda",
+            wait_time=0.002,
         )
     tr.network.train()
     try:
@@ -588,15 +642,22 @@ def run_nnunet_train(s: dict) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             gen._finish()
     plan = s["plan"]
-    fwd = forward_flops(lambda: _nnunet_net(s, tr, True), plan["in_channels"],
-                        plan["batch_size"], list(plan["patch_size"]))
+    fwd = forward_flops(
+        lambda: _nnunet_net(s, tr, True),
+        plan["in_channels"],
+        plan["batch_size"],
+        list(plan["patch_size"]),
+    )
     flop_figures(res, fwd, info, 3.0, 1)
     res.update(info)
     res["peak_mem_gib"] = _peak_mem(dev)
-    res["settings"] = {"autocast": "fp16+GradScaler" if dev.type == "cuda" else "off",
-                       "workers": n, "compile": tr._do_i_compile(),
-                       "augmentation_on": "cpu workers",
-                       "sampled_patch": [int(v) for v in initial_patch]}
+    res["settings"] = {
+        "autocast": "fp16+GradScaler" if dev.type == "cuda" else "off",
+        "workers": n,
+        "compile": tr._do_i_compile(),
+        "augmentation_on": "cpu workers",
+        "sampled_patch": [int(v) for v in initial_patch],
+    }
     return res
 
 
@@ -624,10 +685,16 @@ def _sw_passes(s: dict) -> tuple[int, int]:
 
 def _sw_result(s: dict, seconds: float, util: UtilSampler, info: dict, dev) -> dict:
     tiles, mirrors = _sw_passes(s)
-    res = {"sw_seconds": seconds, "sw_shape": s["sw_shape"], "tiles": tiles,
-           "mirrors": mirrors, **util.result()}
-    fwd = forward_flops(lambda: _kitsnet_net(s), s["plan"]["in_channels"], 1,
-                        list(s["plan"]["patch_size"]))
+    res = {
+        "sw_seconds": seconds,
+        "sw_shape": s["sw_shape"],
+        "tiles": tiles,
+        "mirrors": mirrors,
+        **util.result(),
+    }
+    fwd = forward_flops(
+        lambda: _kitsnet_net(s), s["plan"]["in_channels"], 1, list(s["plan"]["patch_size"])
+    )
     flop_figures(res, fwd, info, 1.0, tiles * mirrors)
     res.update(info)
     res["peak_mem_gib"] = _peak_mem(dev)
@@ -653,8 +720,11 @@ def run_kitsnet_sw(s: dict) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     res = _sw_result(s, seconds, util, info, dev)
     res["finite"] = bool(np.isfinite(logits[:, ::7, ::7, ::7]).all())
-    res["settings"] = {"autocast": "as kitsnet.infer (none)", "output": "numpy on host",
-                       "tile_batch": s["inference"].get("tile_batch", 1)}
+    res["settings"] = {
+        "autocast": "as kitsnet.infer (none)",
+        "output": "numpy on host",
+        "tile_batch": s["inference"].get("tile_batch", 1),
+    }
     return res
 
 
@@ -673,13 +743,22 @@ def run_nnunet_sw(s: dict) -> dict[str, Any]:
     if bad or unexpected:
         raise RuntimeError(f"weights do not map onto nnU-Net: missing {bad}, extra {unexpected}")
     predictor = nnUNetPredictor(
-        tile_step_size=float(s["inference"]["step_size"]), use_gaussian=True,
-        use_mirroring=bool(s["inference"]["mirror"]), perform_everything_on_device=True,
-        device=dev, verbose=False, allow_tqdm=False,
+        tile_step_size=float(s["inference"]["step_size"]),
+        use_gaussian=True,
+        use_mirroring=bool(s["inference"]["mirror"]),
+        perform_everything_on_device=True,
+        device=dev,
+        verbose=False,
+        allow_tqdm=False,
     )
     predictor.manual_initialization(
-        net, tr.plans_manager, tr.configuration_manager, None, tr.dataset_json,
-        "nnUNetTrainer", tuple(range(len(s["plan"]["patch_size"]))),
+        net,
+        tr.plans_manager,
+        tr.configuration_manager,
+        None,
+        tr.dataset_json,
+        "nnUNetTrainer",
+        tuple(range(len(s["plan"]["patch_size"]))),
     )
     x = torch.from_numpy(image)
     with torch.no_grad():  # warm-up, under the autocast nnU-Net's predictor uses
@@ -694,8 +773,10 @@ def run_nnunet_sw(s: dict) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     res = _sw_result(s, seconds, util, info, dev)
     res["finite"] = bool(torch.isfinite(logits[:, ::7, ::7, ::7].float()).all())
-    res["settings"] = {"autocast": "fp16" if dev.type == "cuda" else "off",
-                       "output": f"torch on {logits.device}"}
+    res["settings"] = {
+        "autocast": "fp16" if dev.type == "cuda" else "off",
+        "output": f"torch on {logits.device}",
+    }
     return res
 
 
@@ -745,16 +826,28 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def spawn(part: str, setup_file: Path, tmp: Path, timeout: float) -> dict[str, Any]:
     """One part in a child process (own session, so its workers die with it)."""
     result_file = tmp / f"result_{part}.json"
-    cmd = [sys.executable, "-m", "benchmarks.bench_gpu", "--child", part,
-           "--setup", str(setup_file), "--result", str(result_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_gpu",
+        "--child",
+        part,
+        "--setup",
+        str(setup_file),
+        "--result",
+        str(result_file),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        return {"status": "timeout", "reason": f"killed after {timeout:.0f} s",
-                "wall_s": time.perf_counter() - t0}
+        return {
+            "status": "timeout",
+            "reason": f"killed after {timeout:.0f} s",
+            "wall_s": time.perf_counter() - t0,
+        }
     except BaseException:
         _kill_group(proc)
         raise
@@ -775,8 +868,10 @@ def _fmt(v, width: int, spec: str, scale: float = 1.0, unit: str = "") -> str:
 
 def table(results: dict[str, dict]) -> str:
     """One row per part; the numbers a reader compares first (it/s, time) come first."""
-    head = (f"{'part':24s} {'status':8s} {'it/s':>7s} {'time':>11s} {'GPU util':>8s} "
-            f"{'TFLOP/s':>8s} {'MFU':>6s} {'GPU GiB':>7s}  note")
+    head = (
+        f"{'part':24s} {'status':8s} {'it/s':>7s} {'time':>11s} {'GPU util':>8s} "
+        f"{'TFLOP/s':>8s} {'MFU':>6s} {'GPU GiB':>7s}  note"
+    )
     lines = [head, "-" * len(head)]
     for part in PARTS:
         r = results.get(part, {"status": "not run"})
@@ -816,10 +911,15 @@ def table(results: dict[str, dict]) -> str:
 def machine() -> dict[str, Any]:
     import platform
 
-    info = {"hostname": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "cuda": torch.version.cuda, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                  time.gmtime())}
+    info = {
+        "hostname": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": torch.version.cuda,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     info.update(device_info())
     with contextlib.suppress(Exception):
         from importlib.metadata import version
@@ -829,19 +929,34 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny sizes on the CPU (default when CUDA is not available)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes on the CPU (default when CUDA is not available)",
+    )
     ap.add_argument("--workers", type=int, help="CPU data workers, both sides (min(8, cores))")
-    ap.add_argument("--seconds", type=float, help="timed window per training part (50)")
+    ap.add_argument("--seconds", type=float, help="timed window of nnU-Net's training (50)")
+    ap.add_argument(
+        "--iterations", type=int, help="kitsnet: iterations per epoch of train_fold, 2 epochs (100)"
+    )
     ap.add_argument("--budget", type=float, help="global time budget in s (430; smoke 90)")
-    ap.add_argument("--sw-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
-                    help="sliding-window volume (512 512 512)")
+    ap.add_argument(
+        "--sw-shape",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="sliding-window volume (512 512 512)",
+    )
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--compile", action="store_true", help="torch.compile on both sides")
-    ap.add_argument("--no-channels-last", action="store_true",
-                    help="kitsnet training in contiguous memory format")
+    ap.add_argument(
+        "--no-channels-last",
+        action="store_true",
+        help="kitsnet training in contiguous memory format",
+    )
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--tmp-dir", type=Path, help="where the synthetic cases go (system temp)")
     ap.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
@@ -863,9 +978,13 @@ def main(argv: list[str] | None = None) -> int:
     out_json = args.out_dir / f"gpu-{stamp}.json"
     tmp = Path(tempfile.mkdtemp(prefix="kitsnet-gpu-bench-", dir=args.tmp_dir))
     s = settings(smoke, args)
-    report: dict[str, Any] = {"mode": "smoke" if smoke else "gpu", "machine": machine(),
-                              "settings": {k: v for k, v in s.items() if k != "plan"},
-                              "plan_arch": s["plan"]["arch"], "results": {}}
+    report: dict[str, Any] = {
+        "mode": "smoke" if smoke else "gpu",
+        "machine": machine(),
+        "settings": {k: v for k, v in s.items() if k != "plan"},
+        "plan_arch": s["plan"]["arch"],
+        "results": {},
+    }
     results: dict[str, dict] = report["results"]
 
     def save() -> None:
@@ -876,8 +995,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = 0
     try:
-        log(f"mode {report['mode']}, device {report['machine'].get('gpu_name') or 'cpu'}, "
-            f"{s['workers']} workers, budget {budget:.0f} s, results -> {out_json}")
+        log(
+            f"mode {report['mode']}, device {report['machine'].get('gpu_name') or 'cpu'}, "
+            f"{s['workers']} workers, budget {budget:.0f} s, results -> {out_json}"
+        )
         t0 = time.perf_counter()
         s.update(make_cases(s, tmp), tmp=str(tmp))
         took = time.perf_counter() - t0
@@ -919,10 +1040,12 @@ def main(argv: list[str] | None = None) -> int:
         save()
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print(f"GPU benchmark ({report['mode']} mode, {report['machine'].get('gpu_name') or 'cpu'}, "
-          f"peak bf16 {report['machine'].get('peak_bf16_tflops') or 'unknown peak'} TFLOP/s, "
-          f"{s['workers']} CPU workers, patch {s['plan']['patch_size']}, "
-          f"batch {s['plan']['batch_size']})")
+    print(
+        f"GPU benchmark ({report['mode']} mode, {report['machine'].get('gpu_name') or 'cpu'}, "
+        f"peak bf16 {report['machine'].get('peak_bf16_tflops') or 'unknown peak'} TFLOP/s, "
+        f"{s['workers']} CPU workers, patch {s['plan']['patch_size']}, "
+        f"batch {s['plan']['batch_size']})"
+    )
     print(table(results))
     print(f"total {time.perf_counter() - t_start:.0f} s; JSON: {out_json}")
     broken = [p for p in PARTS if results[p]["status"] in ("failed", "timeout")]

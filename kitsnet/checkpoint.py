@@ -35,10 +35,23 @@ from .io import KitsnetError, atomic_path, remove_stale_temporaries
 
 CHECKPOINT = "checkpoint_latest.pt"
 PREVIOUS_CHECKPOINT = "checkpoint_previous.pt"
-_CHECKPOINT_KEYS = ("model", "optimizer", "history", "torch_rng", "gen_rng", "numpy_rng")
+_CHECKPOINT_KEYS = ("model", "optimizer", "history", "torch_rng")
 # what does not change the result of an epoch: where it runs, how often it is saved, and the
-# number of epochs (a finished run may be extended; the poly schedule follows the new total)
-_NOT_FINGERPRINTED = ("device", "threads", "checkpoint_every", "epochs")
+# number of epochs (a finished run may be extended; the poly schedule follows the new total), and
+# how the batches are made (the same batches whatever the workers, compilation or memory format)
+_NOT_FINGERPRINTED = (
+    "device",
+    "threads",
+    "checkpoint_every",
+    "epochs",
+    "workers",
+    "augment_on",
+    "compile",
+    "channels_last",
+)
+# how batch streams are seeded: checkpoints of an older scheme start over instead of resuming
+# with other batches
+BATCH_STREAMS = "per-batch-seed-v1"
 
 
 class TrainingInterrupted(KitsnetError):
@@ -53,8 +66,12 @@ def fault_point(point: str, **where: int) -> None:
     name, _, args = spec.partition(":")
     want = dict(kv.split("=", 1) for kv in args.split(",") if kv)
     sig = getattr(signal, "SIG" + want.pop("signal", "KILL"))
+    group = want.pop("to", "self") == "group"  # the whole process group, as SLURM signals a job
     if name == point and all(str(where.get(k)) == v for k, v in want.items()):
-        os.kill(os.getpid(), sig)
+        if group:
+            os.killpg(os.getpgid(0), sig)
+        else:
+            os.kill(os.getpid(), sig)
 
 
 def save_torch(obj: dict, path: Path) -> None:
@@ -145,6 +162,7 @@ def settings_fingerprint(
         "training": {k: v for k, v in training.items() if k not in _NOT_FINGERPRINTED},
         "augmentation": augmentation,
         "inputs": files,
+        "batch_streams": BATCH_STREAMS,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 

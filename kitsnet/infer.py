@@ -252,7 +252,7 @@ def predict_fold(
     Writes ``out_dir/<case>.nii.gz`` on the original grid; with ``next_stage=(fullres_dir,
     out)`` also writes the segmentation resampled to the fullres grid as ``out/<case>.npy``.
     """
-    from .train import pick_device
+    from .device import pick_device
 
     dev = pick_device(device)
     nets, plan = load_models([model_path], dev)
@@ -304,9 +304,9 @@ def predict_images(
 ) -> list[Path]:
     """Segment new CT scans with the 5-fold ensemble of a configuration (cascade included:
     the lowres ensemble runs first and its segmentation becomes the extra input channels)."""
+    from .device import pick_device
     from .io import KitsnetError, load_volume
     from .preprocess import geometry_of, preprocess_image
-    from .train import pick_device
 
     dev = pick_device(device)
     inf = {

@@ -175,7 +175,7 @@ class PatchSampler:
         return np.array([self.rng.integers(a, b + 1) for a, b in zip(lo, hi, strict=True)])
 
     def sample(self, batch_size: int, n_prev: int) -> tuple[np.ndarray, np.ndarray]:
-        """A batch (float32 image channels [+ previous-stage one-hot], int64 labels).
+        """A batch (float32 image channels [+ previous-stage one-hot], uint8 labels).
 
         Each crop is written straight into the batch arrays, converting while copying, so every
         voxel of the region is read from the memory map and written exactly once.
@@ -188,7 +188,7 @@ class PatchSampler:
         size = tuple(self.region)
         n_img = self.store.image[boxes[0][0]].shape[0]
         images = np.empty((batch_size, n_img + n_prev, *size), np.float32)
-        segs = np.empty((batch_size, 1, *size), np.int64)
+        segs = np.empty((batch_size, 1, *size), np.uint8)
         for i, (case, lb) in enumerate(boxes):
             crop(self.store.image[case], lb, size, 0.0, out=images[i, :n_img])
             crop(self.store.seg[case], lb, size, 0, out=segs[i, 0])

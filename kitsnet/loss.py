@@ -54,12 +54,16 @@ def downsample_target(target: torch.Tensor, size: tuple[int, ...] | list[int]) -
     return F.interpolate(target.float(), size=tuple(size), mode="nearest-exact").to(target.dtype)
 
 
-def total_loss(outputs, target: torch.Tensor, weights: list[float], batch_dice: bool):
-    """Weighted sum of ``dc_ce_loss`` over the deep-supervision outputs (highest first)."""
+def total_loss(outputs, target, weights: list[float], batch_dice: bool):
+    """Weighted sum of ``dc_ce_loss`` over the deep-supervision outputs (highest first).
+
+    ``target``: the labels at the highest resolution (downsampled here for each output), or
+    one target per output as the input pipeline makes them."""
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+    targets = target if isinstance(target, list | tuple) else [target] * len(outputs)
     loss = 0.0
-    for w, out in zip(weights, outputs, strict=False):
+    for w, out, t in zip(weights, outputs, targets, strict=False):
         if w == 0:
             continue
-        loss = loss + w * dc_ce_loss(out, downsample_target(target, out.shape[2:]), batch_dice)
+        loss = loss + w * dc_ce_loss(out, downsample_target(t, out.shape[2:]), batch_dice)
     return loss

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import augment_batch, cascade_binary_ops, remove_random_components
 from .checkpoint import (
     CHECKPOINT,
     PREVIOUS_CHECKPOINT,
@@ -33,17 +32,12 @@ from .checkpoint import (
     settings_fingerprint,
     sigterm_flag,
 )
+from .device import amp_dtype, configure_backends, pick_device
 from .io import atomic_path, remove_stale_temporaries
-from .loader import (
-    CASE_FILES,
-    CaseStore,
-    PatchSampler,
-    augment_settings,
-    find_previous_stage,
-    region_size,
-)
+from .loader import CASE_FILES, find_previous_stage
 from .loss import deep_supervision_weights, total_loss
 from .network import build_network
+from .pipeline import InputPipeline, batches, default_workers, epoch_keys
 
 __all__ = [
     "CHECKPOINT",
@@ -77,30 +71,15 @@ def _write_log(history: list[dict], path: Path) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def amp_dtype(dev: torch.device) -> torch.dtype | None:
-    """Autocast precision of training on ``dev``: bf16 on GPUs that have it, else fp16 (with
-    loss scaling); None (float32) on the CPU."""
-    if dev.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 # ----------------------------------------------------------------------------- training
 class _State:
     """What one fold's training carries from iteration to iteration and what a checkpoint holds:
-    network, optimiser, random streams, the logged history, the EMA pseudo-Dice and the best
-    model.  Seeding happens here, in a fixed order, so a seed reproduces a run exactly."""
+    network, optimiser, the logged history, the EMA pseudo-Dice and the best model.  The batches
+    draw from per-batch streams (:mod:`kitsnet.pipeline`), so no sampling state is carried; the
+    torch seed fixes the network's initialisation."""
 
     def __init__(self, plan: dict, training: dict, seed: int, fold: int, dev: torch.device):
         torch.manual_seed(seed + fold)
-        self.rng = np.random.default_rng([seed, fold])
-        self.gen = torch.Generator().manual_seed(seed * 1000 + fold)
         self.net = build_network(plan["arch"], plan["in_channels"], plan["num_classes"]).to(dev)
         self.opt = torch.optim.SGD(
             self.net.parameters(),
@@ -129,8 +108,6 @@ class _State:
             "best_epochs": self.best_epochs,
             "partial_epoch": json.dumps(partial_epoch) if partial_epoch else "",
             "torch_rng": torch.get_rng_state(),
-            "gen_rng": self.gen.get_state(),
-            "numpy_rng": json.dumps(self.rng.bit_generator.state),
             "grad_scaler": self.scaler.state_dict(),
             "fingerprint": fingerprint,
         }
@@ -143,8 +120,6 @@ class _State:
         self.best_state, self.best_epochs = ck.get("best_model"), int(ck.get("best_epochs", 0))
         self.partial = json.loads(ck.get("partial_epoch") or "{}")
         torch.set_rng_state(ck["torch_rng"])
-        self.gen.set_state(ck["gen_rng"])
-        self.rng.bit_generator.state = json.loads(ck["numpy_rng"])
         if ck.get("grad_scaler"):
             self.scaler.load_state_dict(ck["grad_scaler"])
 
@@ -160,69 +135,113 @@ class _State:
             }
 
 
-class _Steps:
-    """How one batch is made and trained on: the samplers, the augmentation, the loss and
-    the precision, all fixed by the plan and the config for the whole run."""
+def _memory_format(dim: int, dev: torch.device, training: dict) -> torch.memory_format:
+    """Channels-last activations on a GPU (tensor-core convolutions without layout changes);
+    the CPU keeps the contiguous layout."""
+    if dev.type != "cuda" or not training.get("channels_last", True):
+        return torch.contiguous_format
+    return torch.channels_last_3d if dim == 3 else torch.channels_last
 
-    def __init__(self, plan, training, augmentation, stores, state: _State, dev):
-        arch, dim = plan["arch"], int(plan["arch"]["dim"])
-        self.patch, self.dev = list(plan["patch_size"]), dev
-        self.augmentation, self.aug = augmentation, augment_settings(augmentation, dim)
-        over = training["oversample_foreground"]
-        region = region_size(self.patch, augmentation, dim)
-        self.train = PatchSampler(stores[0], region, self.patch, dim, over, state.rng)
-        self.val = PatchSampler(stores[1], self.patch, self.patch, dim, over, state.rng)
+
+class _Steps:
+    """How a batch is trained on: the loss and its weights, the precision, the memory format
+    and the (optionally compiled) forward, fixed by the plan and the config for the whole run.
+    Losses and validation counts stay on the device until the epoch ends: no host sync per
+    iteration."""
+
+    def __init__(self, plan, training, pipeline: InputPipeline, state: _State, dev, log=print):
+        arch = plan["arch"]
+        self.pipeline, self.dev = pipeline, dev
         self.weights = deep_supervision_weights(
             len(arch["features_per_stage"]) - 1 if arch["deep_supervision"] else 1
         )
-        self.batch, self.batch_dice = int(plan["batch_size"]), bool(plan.get("batch_dice", True))
-        self.n_prev = plan["num_classes"] - 1 if plan.get("previous_stage") else 0
+        self.batch_dice = bool(plan.get("batch_dice", True))
         self.num_classes, self.grad_clip = plan["num_classes"], training["grad_clip"]
-        self.val_iterations = int(training["val_iterations"])
         self.amp_dtype = amp_dtype(dev)
+        self.fmt = _memory_format(int(arch["dim"]), dev, training)
+        state.net.to(memory_format=self.fmt)
+        self.forward = state.net
+        if training.get("compile", False):
+            self.forward = _compiled(state.net, log)
+        self.log = log
 
-    def step(self, state: _State) -> float:
-        """One SGD step on a freshly sampled and augmented batch; returns its loss."""
-        img, seg = self.train.sample(self.batch, self.n_prev)
-        # Sampled on the CPU, augmented where the network runs: on a GPU the batched
-        # transforms take milliseconds, so training is bounded by the GPU, not by CPU
-        # workers (nnU-Net's ~40% GPU utilisation with CPU augmentation).
-        img_t, seg_t = augment_batch(
-            torch.from_numpy(img).to(self.dev),
-            torch.from_numpy(seg).to(self.dev),
-            self.patch,
-            self.aug,
-            state.gen,
-            n_intensity_channels=img.shape[1] - self.n_prev,
-        )
-        if self.n_prev:
-            img_t[:, -self.n_prev :] = _augment_previous_stage(
-                img_t[:, -self.n_prev :], self.augmentation, state.gen
-            )
-        state.opt.zero_grad(set_to_none=True)
+    def _loss(self, net, x: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
         # the loss inside autocast as nnU-Net; total_loss computes it in float32
         on = self.amp_dtype is not None
         with torch.autocast(self.dev.type, dtype=self.amp_dtype, enabled=on):
-            loss = total_loss(state.net(img_t), seg_t.long(), self.weights, self.batch_dice)
+            return total_loss(net(x), targets, self.weights, self.batch_dice)
+
+    def step(self, state: _State, batch: dict) -> torch.Tensor:
+        """One SGD step on a batch from the pipeline; returns its loss (on the device)."""
+        x, targets = self.pipeline.finish(batch, self.dev)
+        x = x.contiguous(memory_format=self.fmt)
+        state.opt.zero_grad(set_to_none=True)
+        try:
+            loss = self._loss(self.forward, x, targets)
+        except Exception as exc:
+            if self.forward is state.net:
+                raise
+            # torch.compile fails lazily, at the first call: fall back to eager for the run
+            self.log(f"warning: torch.compile failed ({type(exc).__name__}: {exc}); eager mode")
+            self.forward = state.net
+            loss = self._loss(self.forward, x, targets)
         state.scaler.scale(loss).backward()
         state.scaler.unscale_(state.opt)
         torch.nn.utils.clip_grad_norm_(state.net.parameters(), self.grad_clip)
         state.scaler.step(state.opt)
         state.scaler.update()
-        return float(loss.detach())
+        return loss.detach()
 
-    def validate(self, state: _State) -> tuple[float, float]:
-        return _validate(
-            state.net,
-            self.val,
-            self.batch,
-            self.n_prev,
-            self.val_iterations,
-            self.weights,
-            self.batch_dice,
-            self.dev,
-            self.num_classes,
-        )
+    @torch.no_grad()
+    def validate(self, state: _State, val_batches: list[dict]) -> tuple[float, float]:
+        """Validation loss and nnU-Net's pseudo-Dice (per-class TP/FP/FN summed over patches)."""
+        state.net.eval()
+        counts = torch.zeros(3, self.num_classes - 1, device=self.dev, dtype=torch.float64)
+        losses = []
+        for batch in val_batches:
+            x, targets = self.pipeline.finish(batch, self.dev)
+            x = x.contiguous(memory_format=self.fmt)
+            on = self.amp_dtype is not None
+            with torch.autocast(self.dev.type, dtype=self.amp_dtype, enabled=on):
+                out = state.net(x)
+                losses.append(total_loss(out, targets, self.weights, self.batch_dice).detach())
+            pred = (out[0] if isinstance(out, list | tuple) else out).argmax(1)
+            y = targets[0][:, 0]
+            for k in range(1, self.num_classes):
+                p, t = pred == k, y == k
+                counts[0, k - 1] += (p & t).sum()
+                counts[1, k - 1] += (p & ~t).sum()
+                counts[2, k - 1] += (~p & t).sum()
+        state.net.train()
+        tp, fp, fn = counts.cpu().numpy()
+        denom = 2 * tp + fp + fn
+        dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+        loss = float(torch.stack(losses).float().mean()) if losses else math.nan
+        return loss, float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+
+
+def _compiled(net: torch.nn.Module, log):
+    """``training.compile``: torch.compile of the network, or the network itself (with a
+    warning) where compilation is not available."""
+    try:
+        return torch.compile(net)
+    except Exception as exc:
+        log(f"warning: torch.compile unavailable ({type(exc).__name__}: {exc}); eager mode")
+        return net
+
+
+def _workers(training: dict, dev: torch.device) -> int:
+    value = training.get("workers", "auto")
+    if value == "auto":
+        return default_workers(int(training.get("threads", 1)))
+    return int(value)
+
+
+def _augment_in_workers(training: dict, dev: torch.device) -> bool:
+    where = training.get("augment_on", "auto")
+    if where == "auto":
+        return dev.type != "cuda"
+    return where == "workers"
 
 
 def train_fold(
@@ -242,13 +261,14 @@ def train_fold(
     checkpoint_latest.pt (+ checkpoint_previous.pt) and training_log.csv into ``out_dir``.
 
     Resumes from the checkpoints in ``out_dir`` when they exist (:mod:`kitsnet.checkpoint`);
-    raises :class:`TrainingInterrupted` after checkpointing when SIGTERM arrives."""
+    raises :class:`TrainingInterrupted` after checkpointing when SIGTERM arrives.  The device
+    is checked first: ``device: cuda`` without a usable GPU fails before anything is written."""
+    dev = pick_device(device)
+    configure_backends(dev)
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(device)
     split = splits[fold]
     prev = [Path(d) for d in prev_dirs] if prev_dirs else None
-    stores = (CaseStore(split["train"], data_dir, prev), CaseStore(split["val"], data_dir, prev))
     state = _State(plan, training, seed, fold, dev)
     inputs = [data_dir / f"{c}{x}" for c in split["train"] + split["val"] for x in CASE_FILES]
     if prev:
@@ -262,7 +282,18 @@ def train_fold(
         where = f", iteration {state.partial['iteration']}" if state.partial else ""
         log(f"resumed from {ck['_path']} after epoch {len(state.history)}{where}")
     del ck
-    steps = _Steps(plan, training, augmentation, stores, state, dev)
+    pipeline = InputPipeline(
+        plan,
+        training,
+        augmentation,
+        split,
+        data_dir,
+        prev,
+        seed,
+        fold,
+        augment_in_workers=_augment_in_workers(training, dev),
+    )
+    steps = _Steps(plan, training, pipeline, state, dev, log)
 
     def save_checkpoint(epoch: int, partial_epoch: dict | None = None) -> None:
         save_checkpoint_file(
@@ -272,9 +303,16 @@ def train_fold(
             epoch,
         )
 
-    with sigterm_flag() as stop:
-        for epoch in range(len(state.history), int(training["epochs"])):
-            _run_epoch(epoch, state, steps, training, stop, save_checkpoint, out_dir, log)
+    first = len(state.history)
+    n_iter, n_val = int(training["iterations_per_epoch"]), int(training["val_iterations"])
+    keys = []
+    for epoch in range(first, int(training["epochs"])):
+        start = int(state.partial.get("iteration", 0)) if state.partial.get("epoch") == epoch else 0
+        keys += epoch_keys(epoch, start, n_iter, n_val)
+    stream = batches(pipeline, keys, _workers(training, dev), pin_memory=dev.type == "cuda")
+    with sigterm_flag() as stop, stream:
+        for epoch in range(first, int(training["epochs"])):
+            _run_epoch(epoch, state, steps, stream, training, stop, save_checkpoint, out_dir, log)
     if state.best_state is None:  # no epoch improved on -inf: only if there were no epochs
         state.best_state, state.best_epochs = state.net.state_dict(), len(state.history)
     for name, weights, n in (
@@ -288,7 +326,7 @@ def train_fold(
     return {"epochs": len(state.history), "best_ema_pseudo_dice": state.best}
 
 
-def _run_epoch(epoch, state: _State, steps: _Steps, training, stop, save_checkpoint, out_dir, log):
+def _run_epoch(epoch, state, steps: _Steps, stream, training, stop, save_checkpoint, out_dir, log):
     """Train one epoch (from where a SIGTERM checkpoint left it), validate, log, checkpoint."""
     epochs, n_iter = int(training["epochs"]), int(training["iterations_per_epoch"])
     resume = state.partial if state.partial.get("epoch") == epoch else {}
@@ -297,22 +335,27 @@ def _run_epoch(epoch, state: _State, steps: _Steps, training, stop, save_checkpo
     for g in state.opt.param_groups:
         g["lr"] = lr
     state.net.train()
-    losses = list(resume.get("losses", []))
+    done = list(resume.get("losses", []))
+    losses: list[torch.Tensor] = []
     for it in range(int(resume.get("iteration", 0)), n_iter):
-        losses.append(steps.step(state))
+        losses.append(steps.step(state, next(stream)))
         fault_point("after_iteration", epoch=epoch, iteration=it)
         if stop["signal"] is not None and it + 1 < n_iter:
             elapsed = time.perf_counter() - t0
-            position = {"epoch": epoch, "iteration": it + 1, "losses": losses, "elapsed_s": elapsed}
+            done += [float(v) for v in losses]
+            position = {"epoch": epoch, "iteration": it + 1, "losses": done, "elapsed_s": elapsed}
             save_checkpoint(epoch, position)
             raise TrainingInterrupted(
                 f"{out_dir}: stopped by signal {stop['signal']} in epoch {epoch} after "
                 f"iteration {it}; checkpoint written, rerun to resume"
             )
-    val_loss, dice = steps.validate(state)
+    val_loss, dice = steps.validate(
+        state, [next(stream) for _ in range(int(training["val_iterations"]))]
+    )
+    train_losses = done + (torch.stack(losses).float().cpu().tolist() if losses else [])
     record = {
         "epoch": epoch,
-        "train_loss": float(np.mean(losses)),
+        "train_loss": float(np.mean(train_losses)),
         "val_loss": val_loss,
         "pseudo_dice": dice,
         "lr": lr,
@@ -333,47 +376,3 @@ def _run_epoch(epoch, state: _State, steps: _Steps, training, stop, save_checkpo
             "checkpoint written, rerun to resume"
         )
     fault_point("between_epochs", epoch=epoch)
-
-
-def _augment_previous_stage(onehot: torch.Tensor, aug: dict, gen: torch.Generator) -> torch.Tensor:
-    """nnU-Net's cascade augmentation of the lowres segmentation channels: random binary
-    morphology and random removal of small connected components, so the fullres network learns
-    not to trust the previous stage blindly."""
-    onehot = cascade_binary_ops(
-        onehot,
-        gen,
-        p=aug.get("cascade_binary_p", 0.4),
-        p_per_label=aug.get("cascade_binary_p_per_label", 0.5),
-        radius=aug.get("cascade_binary_radius", (1, 8)),
-    )
-    return remove_random_components(
-        onehot,
-        gen,
-        p=aug.get("cascade_cc_removal_p", 0.2),
-        p_per_label=aug.get("cascade_cc_p_per_label", 0.5),
-        max_fraction=aug.get("cascade_cc_max_fraction", 0.15),
-    )
-
-
-@torch.no_grad()
-def _validate(net, sampler, batch, n_prev, iterations, weights, batch_dice, dev, n_classes):
-    """Validation loss and nnU-Net's pseudo-Dice (per-class TP/FP/FN summed over patches)."""
-    net.eval()
-    dtype = amp_dtype(dev)
-    tp = np.zeros(n_classes - 1)
-    fp, fn, losses = tp.copy(), tp.copy(), []
-    for _ in range(iterations):
-        img, seg = sampler.sample(batch, n_prev)
-        x, y = torch.from_numpy(img).to(dev), torch.from_numpy(seg).to(dev)
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            out = net(x)
-            losses.append(float(total_loss(out, y, weights, batch_dice)))
-        pred = (out[0] if isinstance(out, list | tuple) else out).argmax(1)
-        for k in range(1, n_classes):
-            p, t = pred == k, y[:, 0] == k
-            tp[k - 1] += float((p & t).sum())
-            fp[k - 1] += float((p & ~t).sum())
-            fn[k - 1] += float((~p & t).sum())
-    denom = 2 * tp + fp + fn
-    dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
-    return float(np.mean(losses)), float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0

@@ -85,6 +85,7 @@ def _run_killed(setup, out: Path, fault: str, settings=SETTINGS) -> subprocess.C
         capture_output=True,
         text=True,
         timeout=300,
+        start_new_session=True,  # its own process group: "to=group" signals only the training
     )
 
 
@@ -155,6 +156,21 @@ def test_sigterm_checkpoints_inside_the_epoch_and_the_rerun_continues_there(setu
     assert "TrainingInterrupted" in proc.stderr and "rerun to resume" in proc.stderr
     msgs = _resume(setup, out)
     assert any("after epoch 2, iteration 1" in m for m in msgs), msgs
+    _assert_finished_like_reference(out, setup["reference"])
+
+
+def test_sigterm_to_the_whole_job_with_workers_checkpoints_and_the_rerun_continues(setup, tmp_path):
+    """SLURM signals every process of the job: the batch workers must not die before the
+    training process has checkpointed; the rerun (with another worker count) continues."""
+    out = tmp_path / "fold_0"
+    workers = dict(SETTINGS, workers=2)
+    proc = _run_killed(
+        setup, out, "after_iteration:epoch=1,iteration=1,signal=TERM,to=group", workers
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "TrainingInterrupted" in proc.stderr and "DataLoader worker" not in proc.stderr
+    msgs = _resume(setup, out, dict(SETTINGS, workers=1))
+    assert any("after epoch 1, iteration 2" in m for m in msgs), msgs
     _assert_finished_like_reference(out, setup["reference"])
 
 
