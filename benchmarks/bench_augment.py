@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import deep_supervision_scales, nnunet_training_loader
+
 NAME = "augment"
 GOAL = 2.0
 THREADS = 1  # per-core throughput: both sides single-threaded
@@ -147,12 +149,7 @@ def _data_root(sizes: dict[str, Any]) -> Path:
 
 def _ds_scales(patch: int) -> list[float]:
     """Deep-supervision output scales of the plan's network (strides 2 while >= 8 voxels)."""
-    scales, size = [1.0], patch
-    for _ in range(N_STAGES - 2):
-        if size >= 8:
-            size //= 2
-        scales.append(size / patch)
-    return scales
+    return deep_supervision_scales(patch, N_STAGES)
 
 
 def _kitsnet_pipeline(sizes: dict[str, Any], root: Path, cases: list[str]) -> Callable[[], float]:
@@ -190,40 +187,9 @@ def _peer_pipeline(sizes: dict[str, Any], root: Path, cases: list[str]) -> Calla
     """nnU-Net's training data loader with its 3d_fullres training transforms, called in the
     main process.  Returns a function making one batch (and a checksum of it)."""
     import torch
-    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetNumpy
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    patch = (sizes["patch"],) * 3
-    # nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size, 3D isotropic
-    rotation = (-30.0 / 360 * 2 * np.pi, 30.0 / 360 * 2 * np.pi)
-    initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
-    # nnUNetTrainer._get_deep_supervision_scales: 1 / cumprod(pool kernels), the last dropped
-    scales = [[s] * 3 for s in _ds_scales(sizes["patch"])]
-    labels = LabelManager(LABELS, regions_class_order=None)
-    transforms = nnUNetTrainer.get_training_transforms(
-        patch,
-        rotation,
-        scales,
-        (0, 1, 2),
-        False,
-        use_mask_for_norm=[False],
-        is_cascaded=False,
-        foreground_labels=labels.foreground_labels,
-        regions=None,
-        ignore_label=labels.ignore_label,
-    )
-    dataset = nnUNetDatasetNumpy(str(root / "nnunet"), list(cases))
-    loader = nnUNetDataLoader(
-        dataset,
-        sizes["batch"],
-        initial,
-        patch,
-        labels,
-        oversample_foreground_percent=OVERSAMPLE,
-        transforms=transforms,
+    loader = nnunet_training_loader(
+        root / "nnunet", cases, sizes["patch"], sizes["batch"], N_STAGES, OVERSAMPLE
     )
     np.random.seed(0)  # nnU-Net's loader and transforms draw from the global generators
     torch.manual_seed(0)

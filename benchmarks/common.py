@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage
 
@@ -105,3 +107,92 @@ def nnunet_plans_manager(configuration: str, spacing: list[float]):
         },
     }
     return PlansManager(plans)
+
+
+def deep_supervision_scales(patch: int, n_stages: int) -> list[float]:
+    """Deep-supervision output scales of an ``n_stages`` network on an isotropic ``patch``
+    (strides 2 while >= 8 voxels): nnU-Net's ``_get_deep_supervision_scales``, 1 / cumprod of
+    the pooling kernels with the last one dropped."""
+    scales, size = [1.0], patch
+    for _ in range(n_stages - 2):
+        if size >= 8:
+            size //= 2
+        scales.append(size / patch)
+    return scales
+
+
+def nnunet_numpy_dataset(folder, cases: list[str], copy_on_write: bool = False):
+    """nnU-Net's ``nnUNetDatasetNumpy`` over ``folder``; with ``copy_on_write`` its arrays are
+    memory-mapped copy-on-write (``mmap_mode='c'``) instead of read-only.
+
+    Why: nnU-Net 2.8.1's loader crops with ``crop_and_pad_nd``, which returns a *view* of the
+    memory map when the region lies wholly inside the image, and ``.float()`` of float32 data
+    does not copy; its transforms then write into that view in place (e.g. the Gaussian noise's
+    ``index_add_``), which on a read-only map is a segmentation fault.  nnU-Net's default
+    Blosc2 dataset decompresses into fresh arrays, so this only bites the ``.npy`` layout with
+    cases larger than the sampled region; a private (copy-on-write) map makes those in-place
+    writes land in private pages, as a copy would."""
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetNumpy
+
+    if not copy_on_write:
+        return nnUNetDatasetNumpy(str(folder), list(cases))
+
+    class CopyOnWriteNumpyDataset(nnUNetDatasetNumpy):
+        def load_case(self, identifier):
+            root = Path(self.source_folder)
+            data = np.load(root / f"{identifier}.npy", mmap_mode="c")
+            seg = np.load(root / f"{identifier}_seg.npy", mmap_mode="c")
+            return data, seg, None, load_pickle(str(root / f"{identifier}.pkl"))
+
+    return CopyOnWriteNumpyDataset(str(folder), list(cases))
+
+
+def nnunet_training_loader(
+    folder,
+    cases: list[str],
+    patch: int,
+    batch_size: int,
+    n_stages: int,
+    oversample: float,
+    copy_on_write: bool = False,
+):
+    """nnU-Net's training ``nnUNetDataLoader`` over an ``nnUNetDatasetNumpy`` folder, with the
+    transforms of ``nnUNetTrainer.get_training_transforms`` built with the arguments
+    ``nnUNetTrainer`` derives for a 3D isotropic patch: rotation +-30 degrees, the initial
+    (enlarged) patch of ``get_patch_size``, mirror axes (0, 1, 2), no dummy 2D, the
+    deep-supervision scales of the ``n_stages`` network and KiTS21's labels.  ``copy_on_write``:
+    see :func:`nnunet_numpy_dataset`."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    patch_size = (patch,) * 3
+    # nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size, 3D isotropic
+    rotation = (-30.0 / 360 * 2 * np.pi, 30.0 / 360 * 2 * np.pi)
+    initial = get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))
+    scales = [[s] * 3 for s in deep_supervision_scales(patch, n_stages)]
+    labels = LabelManager(LABELS, regions_class_order=None)
+    transforms = nnUNetTrainer.get_training_transforms(
+        patch_size,
+        rotation,
+        scales,
+        (0, 1, 2),
+        False,
+        use_mask_for_norm=[False],
+        is_cascaded=False,
+        foreground_labels=labels.foreground_labels,
+        regions=None,
+        ignore_label=labels.ignore_label,
+    )
+    dataset = nnunet_numpy_dataset(folder, cases, copy_on_write)
+    return nnUNetDataLoader(
+        dataset,
+        batch_size,
+        initial,
+        patch_size,
+        labels,
+        oversample_foreground_percent=oversample,
+        transforms=transforms,
+    )

@@ -18,7 +18,16 @@ A benchmark module ``benchmarks/bench_<name>.py`` defines:
   ``PEER`` (what the peer is, default "nnU-Net v2.8.1"), ``peer_available() -> str | None``
   (None when the peer can run, else the reason it cannot), ``check(quick) -> dict`` (agreement
   figures of the two outputs, run once in its own child) and ``extra(seconds, quick) -> dict``
-  (derived figures such as patches per second per core, computed from a kitsnet timing).
+  (derived figures such as patches per second per core, computed from a kitsnet timing);
+- optionally ``prepare_kitsnet(inputs)`` / ``prepare_peer(inputs)``: untimed work before the
+  timed call (e.g. starting worker processes and pulling warm-up batches); its return value is
+  what ``run_kitsnet`` / ``run_peer`` then get, and ``finish(prepared)``, when defined, is
+  called after the timing (e.g. to stop those workers);
+- optionally ``TREE_MEMORY = True`` for work that runs in several processes: ``peak_mb`` is then
+  the peak, sampled every 50 ms during the timed call, of the summed PSS of the child and all
+  its descendant processes (``/proc/<pid>/smaps_rollup``; VmRSS where that is missing), and
+  ``inputs_mb`` that sum just before the call, instead of the child's own VmHWM / VmRSS
+  (also reported: the peak without file-backed pages, and the tree's CPU seconds).
 """
 
 from __future__ import annotations
@@ -29,11 +38,21 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("preprocess", "export", "sliding_window", "augment", "evaluate", "memory")
+BENCHMARKS = (
+    "preprocess", "export", "sliding_window", "augment", "evaluate", "memory", "train_input"
+)
+TREE_SAMPLE_S = 0.05
+TREE_MEMORY_MEANS = (
+    "process-tree PSS peak: child + all descendant processes, sampled every 50 ms by a nice-19 "
+    "thread (*_memory_samples: how many samples it got); "
+    "*_peak_anon_mb: the same without file-backed pages (memory-mapped cases); *_cpu_s: CPU "
+    "seconds of that process tree during the timed call (median), cpu_ratio: peer / kitsnet"
+)
 
 
 def module(name: str):
@@ -66,8 +85,110 @@ def rss_mb(field: str = "VmHWM") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it, from the parent ids in /proc/<pid>/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _pss_kb(pid: int) -> tuple[int, int]:
+    """Proportional set size of one process in KiB (VmRSS where smaps_rollup is missing), and
+    the part of it not backed by files (``Pss_Anon`` + ``Pss_Shmem``; RssAnon + RssShmem)."""
+    for name, total, parts in (
+        ("smaps_rollup", "Pss", ("Pss_Anon", "Pss_Shmem")),
+        ("status", "VmRSS", ("RssAnon", "RssShmem")),
+    ):
+        try:
+            lines = Path(f"/proc/{pid}/{name}").read_text().splitlines()
+            pairs = (ln.split(":", 1) for ln in lines if ":" in ln)
+            fields = {k: int(v.split()[0]) for k, v in pairs if k == total or k in parts}
+        except (OSError, ValueError, IndexError):
+            continue
+        if total in fields:
+            return fields[total], sum(fields.get(k, 0) for k in parts)
+    return 0, 0
+
+
+def tree_pss_mb(root: int | None = None) -> tuple[float, float]:
+    """Summed PSS of ``root`` (default: this process) and its descendants, in MiB, and the
+    summed part of it not backed by files (anonymous and shared memory)."""
+    sums = [_pss_kb(p) for p in _descendants(root or os.getpid())]
+    return sum(x for x, _ in sums) / 1024, sum(y for _, y in sums) / 1024
+
+
+def _tree_cpu_s(root: int | None = None) -> dict[int, float]:
+    """CPU seconds (user + system) so far of ``root`` and each of its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in _descendants(root or os.getpid()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class TreeMemory:
+    """Peaks of :func:`tree_pss_mb`, sampled in a background thread while the block runs, and
+    the CPU seconds the process tree spent meanwhile (``cpu_s``: processes alive at the end,
+    less the sampling thread's own time).
+
+    Reading smaps_rollup walks the page tables of every mapping (milliseconds for a process
+    with GBs of memory-mapped cases), so the sampling thread runs at the lowest priority
+    (nice 19, Linux): where the measured processes use every core it takes its CPU time from
+    idle time and samples less often (``samples`` says how many it took) rather than slowing
+    them down."""
+
+    def __enter__(self) -> TreeMemory:
+        self.peak, self.peak_anon = tree_pss_mb()
+        self.samples = 1
+        self._own_cpu = 0.0
+        self._cpu0 = _tree_cpu_s()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        total, anon = tree_pss_mb()
+        self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
+        self.samples += 1
+
+    def _loop(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only
+        except (OSError, AttributeError):
+            pass
+        while not self._stop.wait(TREE_SAMPLE_S):
+            self._sample()
+        self._own_cpu = time.thread_time()
+
+    def __exit__(self, *exc) -> None:
+        cpu1 = _tree_cpu_s()
+        self._stop.set()
+        self._thread.join()
+        spent = sum(c - self._cpu0.get(pid, 0.0) for pid, c in cpu1.items())
+        self.cpu_s = spent - self._own_cpu
+        self._sample()
+
+
 def child_measure(name: str, side: str, quick: bool) -> dict[str, Any]:
-    """Run inside the child: set up, reset the peak, time one call, report."""
+    """Run inside the child: set up (and prepare), reset the peak, time one call, report."""
     import torch
 
     threads = int(os.environ.get("KITSNET_THREADS", os.cpu_count() or 1))
@@ -77,14 +198,33 @@ def child_measure(name: str, side: str, quick: bool) -> dict[str, Any]:
         return {"check": mod.check(quick)}
     inputs = mod.setup(quick)
     fn = mod.run_kitsnet if side == "kitsnet" else mod.run_peer
-    base = rss_mb("VmRSS")
-    reset_peak()
-    t0 = time.perf_counter()
-    out = fn(inputs)
-    seconds = time.perf_counter() - t0
-    peak = rss_mb("VmHWM")
+    prepare = getattr(mod, f"prepare_{side}", None)
+    if prepare is not None:
+        inputs = prepare(inputs)
+    tree = None
+    if getattr(mod, "TREE_MEMORY", False):
+        base = tree_pss_mb()[0]
+        with TreeMemory() as tree:
+            t0 = time.perf_counter()
+            out = fn(inputs)
+            seconds = time.perf_counter() - t0
+        peak = tree.peak
+    else:
+        base = rss_mb("VmRSS")
+        reset_peak()
+        t0 = time.perf_counter()
+        out = fn(inputs)
+        seconds = time.perf_counter() - t0
+        peak = rss_mb("VmHWM")
     del out
-    return {"seconds": seconds, "peak_mb": peak, "inputs_mb": base, "threads": threads}
+    if prepare is not None and hasattr(mod, "finish"):
+        mod.finish(inputs)
+    result = {"seconds": seconds, "peak_mb": peak, "inputs_mb": base, "threads": threads}
+    if tree is not None:
+        result.update(
+            {"peak_anon_mb": tree.peak_anon, "memory_samples": tree.samples, "cpu_s": tree.cpu_s}
+        )
+    return result
 
 
 def spawn(name: str, side: str, quick: bool, threads: int, timeout: float) -> dict[str, Any]:
@@ -167,6 +307,16 @@ def run_benchmark(
         entry["goal_met"] = entry["ratio"] >= entry["goal_ratio"] if entry["goal_ratio"] else None
     else:
         entry["peer_missing"] = why_not or "no peer for this benchmark"
+    if getattr(mod, "TREE_MEMORY", False):
+        entry["peak_mb_means"] = TREE_MEMORY_MEANS
+        entry["kitsnet_peak_anon_mb"] = max(x["peak_anon_mb"] for x in k_runs)
+        entry["kitsnet_memory_samples"] = [x["memory_samples"] for x in k_runs]
+        entry["kitsnet_cpu_s"] = statistics.median(x["cpu_s"] for x in k_runs)
+        if p_runs:
+            entry["peer_peak_anon_mb"] = max(x["peak_anon_mb"] for x in p_runs)
+            entry["peer_memory_samples"] = [x["memory_samples"] for x in p_runs]
+            entry["peer_cpu_s"] = statistics.median(x["cpu_s"] for x in p_runs)
+            entry["cpu_ratio"] = entry["peer_cpu_s"] / entry["kitsnet_cpu_s"]
     if getattr(mod, "LIMIT_MB", None):
         entry["limit_mb"] = mod.LIMIT_MB
         entry["within_limit"] = entry["kitsnet_peak_mb"] <= mod.LIMIT_MB

@@ -202,16 +202,16 @@ class _Keyed(torch.utils.data.Dataset):
 
 
 def _worker_init(_: int) -> None:
-    """One thread per worker.  The first SIGTERM is ignored, because SLURM signals every
-    process of a job and the training process must checkpoint before its workers go; it stops
-    them itself (:meth:`BatchStream.close`), and a second SIGTERM (multiprocessing's terminate at
-    exit) or the training process's death ends them."""
-    seen = []
+    """One thread per worker.  SLURM signals every process of a job, and the training process
+    must checkpoint before its workers go, so a worker outlives the first SIGTERM: it ends when
+    the training process stops it (:meth:`BatchStream.close`) or dies, at a second SIGTERM, or
+    60 s after the first (so an unclosed stream cannot hang the exit)."""
 
     def on_term(signum, frame):
-        if seen:
+        if signal.getitimer(signal.ITIMER_REAL)[0] > 0:  # second SIGTERM
             os._exit(0)
-        seen.append(signum)
+        signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
+        signal.setitimer(signal.ITIMER_REAL, 60.0)
 
     signal.signal(signal.SIGTERM, on_term)
     torch.set_num_threads(1)
