@@ -1,10 +1,9 @@
 # Coarse-to-fine 3D U-Net on KiTS21: 2d, 3d_lowres, 3d_fullres and the cascade, 5-fold CV,
 # collated into results/table1.csv and the paper's figures.  The demo default (synthetic data)
 # runs on a laptop CPU:  snakemake --cores 2
-# The paper's settings:   snakemake --configfile config/kits21.yaml --config data_root=DIR
-
-
-configfile: "config/config.yaml"
+# The paper's settings:   snakemake --cores N --config preset=paper data_root=DIR
+# (the settings are assembled in rules/common.smk: the preset's files from config/, then the
+# user's --configfile / --config on top)
 
 
 include: "rules/common.smk"
@@ -15,6 +14,9 @@ include: "rules/train.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+
+
+report: "rules/report/workflow.rst"
 
 
 # Tiny bookkeeping jobs run where snakemake runs, not through a cluster executor's queue.

@@ -193,24 +193,38 @@ def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
             np.savez_compressed(fh, **arrays)
 
 
+ATTEMPT_HEADER = "===== attempt"
+
+
 @contextlib.contextmanager
 def log_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
     """Send everything a step prints (and its traceback, on failure) to ``path``.
 
-    The workflow gives every rule a ``log:`` file; this is how the adapters honour it.
+    The workflow gives every rule a ``log:`` file; this is how the adapters honour it.  Each
+    run of the step is appended under a header line ``===== attempt N ...``, so a job that was
+    retried (killed at its time limit, say) keeps the log of every attempt.
     """
     if path is None:
         yield
         return
+    import socket
     import sys
+    import time
     import traceback
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    previous = Path(path).read_text(errors="replace") if Path(path).is_file() else ""
+    attempt = sum(line.startswith(ATTEMPT_HEADER) for line in previous.splitlines()) + 1
+    where = socket.gethostname()
+    if os.environ.get("SLURM_JOB_ID"):
+        where += f", SLURM job {os.environ['SLURM_JOB_ID']}"
     with (
-        open(path, "w", buffering=1) as fh,
+        open(path, "a", buffering=1) as fh,
         contextlib.redirect_stdout(fh),
         contextlib.redirect_stderr(fh),
     ):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        print(f"{ATTEMPT_HEADER} {attempt}: {stamp} on {where} (pid {os.getpid()})", file=fh)
         try:
             yield
         except Exception as exc:

@@ -1,9 +1,11 @@
+import copy
 import math
 import os
 import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+import yaml
+from snakemake.utils import min_version, update_config, validate
 
 min_version("9.0")
 
@@ -12,6 +14,32 @@ sys.path.insert(0, workflow.basedir)
 from kitsnet.dataset import list_cases, check_case_id, check_layout  # noqa: E402
 from kitsnet.plan import DATA_OF, PREVIOUS_STAGE  # noqa: E402
 
+# The settings: the files of a preset from this workflow's config/ folder (found beside the
+# Snakefile, not in the working directory, so --directory works), then the user's --configfile
+# and --config on top.  The preset is a key, so an extra --configfile cannot silently switch
+# the paper's run (the profile's `config: preset=paper`) back to the demo.
+PRESETS = {
+    "demo": ["config/config.yaml"],
+    "paper": ["config/config.yaml", "config/kits21.yaml"],
+}
+
+
+def assemble_config(user):
+    preset = user.get("preset", "demo")
+    if preset not in PRESETS:
+        raise WorkflowError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
+    merged = {}
+    for name in PRESETS[preset]:
+        with open(Path(workflow.basedir) / name) as fh:
+            update_config(merged, yaml.safe_load(fh))
+    update_config(merged, user)
+    merged["preset"] = preset
+    return merged
+
+
+_assembled = assemble_config(copy.deepcopy(config))
+config.clear()
+config.update(_assembled)
 validate(config, "../config/schema.yaml")
 
 CONFIGS = list(config["configurations"])
@@ -42,6 +70,21 @@ def discover_cases():
     return list_cases(DATA_ROOT)
 
 
+def check_synthetic_root():
+    """Synthetic cases are generated only under results/: never into a folder the user owns."""
+    root = os.path.normpath(DATA_ROOT)
+    if SYNTHETIC and (os.path.isabs(root) or root.split(os.sep)[0] != "results"):
+        raise WorkflowError(
+            f"data_root: {DATA_ROOT!r} is outside results/, but synthetic: is set (preset "
+            f"{config['preset']!r}), so the workflow would generate synthetic cases there.  "
+            "Synthetic data is only generated under results/ (the demo's data_root: "
+            "results/data/demo).  For real data use the paper's settings: preset: paper (in "
+            "your config file, or --config preset=paper ...), or synthetic: null.  Note that "
+            "a --configfile or --config on the command line replaces the one a profile sets."
+        )
+
+
+check_synthetic_root()
 CASES = [check_case_id(c) for c in discover_cases()]
 DATAS = sorted({DATA_OF[c] for c in CONFIGS})
 
@@ -129,6 +172,29 @@ def step_resource(step, key, default):
         return resource_value(step, key, default, name, attempt)
 
     return value
+
+
+def intermediate(path):
+    """Outputs that only feed later steps (preprocessed arrays, the cascade's previous-stage
+    segmentations): kept by default; with keep_intermediates: false Snakemake deletes each once
+    its last consumer has run (a later run does not redo the work that used them)."""
+    return path if config.get("keep_intermediates", True) else temp(path)
+
+
+def gpu_job_resources(step):
+    """The GPU request of a GPU rule (config resources.<step>.gpu, default 1) and, for SLURM, the
+    partition and account of GPU jobs (resources.gpu_partition / gpu_account, else the
+    environment's KITSNET_GPU_PARTITION / KITSNET_GPU_ACCOUNT); CPU jobs keep the profile's.
+    """
+    res = {"gpu": step_resource(step, "gpu", 1)}
+    for key, var in (
+        ("partition", "KITSNET_GPU_PARTITION"),
+        ("account", "KITSNET_GPU_ACCOUNT"),
+    ):
+        value = RESOURCES.get(f"gpu_{key}") or os.environ.get(var)
+        if value:
+            res[f"slurm_{key}"] = value
+    return res
 
 
 def threads_for_training():

@@ -6,7 +6,7 @@ rule predict_lowres:
         fullres=preprocessed_files("3d_fullres"),
     output:
         predictions=directory("results/predictions/{config}/fold_{fold}"),
-        next_stage=directory("results/next_stage/{config}/fold_{fold}"),
+        next_stage=intermediate(directory("results/next_stage/{config}/fold_{fold}")),
     log:
         "results/logs/predict/{config}_fold{fold}.log",
     benchmark:
@@ -17,7 +17,7 @@ rule predict_lowres:
         "../envs/torch.yaml"
     threads: threads_for_training()
     resources:
-        gpu=step_resource("predict", "gpu", 1),
+        **gpu_job_resources("predict"),
         mem_mb=step_resource("predict", "mem_mb", 8000),
         runtime=step_resource("predict", "runtime", 30),
     params:
@@ -43,7 +43,7 @@ rule predict:
         "../envs/torch.yaml"
     threads: threads_for_training()
     resources:
-        gpu=step_resource("predict", "gpu", 1),
+        **gpu_job_resources("predict"),
         mem_mb=step_resource("predict", "mem_mb", 8000),
         runtime=step_resource("predict", "runtime", 30),
     params:

@@ -5,9 +5,9 @@ rule preprocess:
         image=f"{DATA_ROOT}/{{case}}/imaging.nii.gz",
         label=f"{DATA_ROOT}/{{case}}/aggregated_MAJ_seg.nii.gz",
     output:
-        image="results/preprocessed/{data}/{case}_image.npy",
-        seg="results/preprocessed/{data}/{case}_seg.npy",
-        props="results/preprocessed/{data}/{case}.json",
+        image=intermediate("results/preprocessed/{data}/{case}_image.npy"),
+        seg=intermediate("results/preprocessed/{data}/{case}_seg.npy"),
+        props=intermediate("results/preprocessed/{data}/{case}.json"),
     log:
         "results/logs/preprocess/{data}_{case}.log",
     benchmark:

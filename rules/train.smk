@@ -3,8 +3,9 @@ rule train:
     input:
         unpack(training_inputs),
     output:
-        model="results/models/{config}/fold_{fold}/model_final.pt",
-        best="results/models/{config}/fold_{fold}/model_best.pt",
+        # the weeks of GPU time: write-protected, so no rerun or clean-up removes them unasked
+        model=protected("results/models/{config}/fold_{fold}/model_final.pt"),
+        best=protected("results/models/{config}/fold_{fold}/model_best.pt"),
         log_csv="results/models/{config}/fold_{fold}/training_log.csv",
         progress=report(
             "results/models/{config}/fold_{fold}/progress.png",
@@ -21,7 +22,7 @@ rule train:
         "../envs/torch.yaml"
     threads: threads_for_training()
     resources:
-        gpu=step_resource("train", "gpu", 1),
+        **gpu_job_resources("train"),
         mem_mb=step_resource("train", "mem_mb", 8000),
         runtime=step_resource("train", "runtime", 60),
     params:

@@ -48,13 +48,10 @@ def cube_label(shape=(20, 24, 24), box=(slice(5, 15), slice(6, 18), slice(6, 18)
 
 
 def run_workflow(workdir: Path, *args: str, check: bool = True):
-    """Run this repository's Snakefile from ``workdir`` (given a copy of config/)."""
-    import shutil
+    """Run this repository's Snakefile from ``workdir`` (it finds its config files itself)."""
     import subprocess
     import sys
 
-    if not (workdir / "config").exists():
-        shutil.copytree(REPO / "config", workdir / "config")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if check and proc.returncode != 0:
@@ -62,13 +59,55 @@ def run_workflow(workdir: Path, *args: str, check: bool = True):
     return proc
 
 
+def checkout_state() -> list[str] | None:
+    """Everything git sees in this checkout, ignored files included (bytecode caches aside);
+    None outside a git checkout."""
+    import subprocess
+
+    proc = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return None
+    skip = ("__pycache__", ".pytest_cache", ".ruff_cache")
+    return sorted(line for line in proc.stdout.splitlines() if not any(s in line for s in skip))
+
+
 @pytest.fixture(scope="session")
-def micro_demo(tmp_path_factory) -> Path:
-    """The micro demo (tests/data/micro.yaml) run once from scratch; the folder it ran in.
-    Shared by the end-to-end and the determinism tests: treat it as read-only."""
+def micro_demo_run(tmp_path_factory) -> dict:
+    """The micro demo (tests/data/micro.yaml) run once from scratch, as users put outputs on
+    scratch storage: from the checkout with ``--directory`` elsewhere.  The folder it wrote to,
+    and the checkout's state before and after."""
+    import subprocess
+    import sys
+
     workdir = tmp_path_factory.mktemp("micro_demo")
-    run_workflow(workdir, "--cores", "2", "--configfile", str(REPO / "tests/data/micro.yaml"))
-    return workdir
+    before = checkout_state()
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        "--configfile",
+        str(REPO / "tests/data/micro.yaml"),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return {"workdir": workdir, "before": before, "after": checkout_state()}
+
+
+@pytest.fixture(scope="session")
+def micro_demo(micro_demo_run) -> Path:
+    """The folder of the micro demo's run.  Shared by the end-to-end and the determinism tests:
+    treat it as read-only."""
+    return micro_demo_run["workdir"]
 
 
 @pytest.fixture

@@ -104,7 +104,7 @@ def test_environments_agree_with_each_other_and_cover_the_steps():
     assert "matplotlib" in _env_pins(REPO / "envs" / "report.yaml")
 
 
-def test_slurm_profile_is_commented_and_asks_gpus_for_training_and_prediction():
+def test_slurm_profile_is_commented_sets_the_paper_preset_and_batches_preprocessing():
     text = (REPO / "slurm" / "config.yaml").read_text()
     lines = text.splitlines()
     # every top-level entry has a comment right above it (or a comment block that leads to it)
@@ -113,10 +113,18 @@ def test_slurm_profile_is_commented_and_asks_gpus_for_training_and_prediction():
             assert i > 0 and lines[i - 1].lstrip().startswith("#"), f"uncommented: {line}"
     profile = yaml.safe_load(text)
     assert profile["executor"] == "slurm"
-    assert profile["configfile"] == "config/kits21.yaml"
+    # the paper's settings as a config key (an extra --configfile layers on it, not replaces it)
+    assert profile["config"] == ["preset=paper"] and "configfile" not in profile
     assert profile["retries"] >= 1 and profile["jobs"] >= 20
-    for rule in ("train", "predict", "predict_lowres"):
-        assert profile["set-resources"][rule]["gpu"] == 1
-        assert profile["set-resources"][rule]["cpus_per_gpu"] == "threads"
-    assert set(profile["set-resources"]) == {"train", "predict", "predict_lowres"}
+    # GPU counts come from the rules' resources only, not from the profile
+    assert not any("gpu" in r for r in profile.get("set-resources", {}).values())
+    assert profile["groups"] == ["preprocess=preprocessing"]
     assert "gpu_model" in text  # left for the user, commented
+
+
+def test_report_dependencies_come_with_a_plain_install_and_the_report_env():
+    """`snakemake --report` needs pygments, which snakemake does not depend on: it must come
+    with `pip install -e .` (not only with the test extra, where pytest brings it)."""
+    deps, _ = _pyproject()
+    assert "pygments" in deps
+    assert "pygments" in _env_pins(REPO / "envs" / "report.yaml")

@@ -199,10 +199,23 @@ def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_p
     for rule in ("train", "predict", "predict_lowres"):
         for s in by_rule[rule]:
             assert "--gpus=1" in s["args"], (rule, s["args"])
-            assert "--cpus-per-gpu=1" in s["args"], (rule, s["args"])  # micro: threads 1
+            assert "--cpus-per-task=1" in s["args"], (rule, s["args"])  # micro: threads 1
             assert ["-p", PARTITION] == s["args"][s["args"].index("-p") :][:2]
     assert len(by_rule["predict"]) + len(by_rule["predict_lowres"]) == 20
-    for rule in ("synth", "validate_dataset", "fingerprint", "preprocess", "evaluate", "figures"):
+    # the 18 preprocessing jobs (6 cases x 3 grids) arrive batched: one group job (<= 30 each)
+    assert by_rule["preprocessing_preprocess"] and "preprocess" not in by_rule
+    assert len(by_rule["preprocessing_preprocess"]) == 1
+    # one sbatch per job otherwise: synth, validate, fingerprint, 20 trainings, 20 predictions,
+    # 20 evaluations, figures, and the preprocessing group
+    assert len(subs) == 1 + 1 + 1 + 20 + 20 + 20 + 1 + 1, sorted(by_rule)
+    for rule in (
+        "synth",
+        "validate_dataset",
+        "fingerprint",
+        "preprocessing_preprocess",
+        "evaluate",
+        "figures",
+    ):
         assert by_rule[rule], rule
         for s in by_rule[rule]:
             assert not any(a.startswith("--gpus") for a in s["args"]), (rule, s["args"])
@@ -334,6 +347,10 @@ def test_slurm_killed_job_is_retried_and_rerun_after_kill_finishes_only_missing(
     assert [(s["mem"], s["runtime"]) for s in fold0] == [(4000, 30), (6000, 45)], out[-3000:]
     log0 = (tmp_path / "results/logs/train/2d_fold0.log").read_text()
     assert "resumed from" in log0, log0
+    # the killed attempt's log is kept, the retry's appended after it
+    first, _, second = log0.partition("===== attempt 2:")
+    assert first.startswith("===== attempt 1:") and "epoch 0:" in first, log0
+    assert second and "resumed from" in second, log0
     history = list(csv.DictReader(open(models / "fold_0" / "training_log.csv")))
     assert [int(r["epoch"]) for r in history] == [0, 1]  # no gap, no repeat
 

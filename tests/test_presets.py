@@ -1,0 +1,149 @@
+"""Which experiment runs, and where it may write: the demo and the paper's settings are presets
+that user config files are layered on, a data root the user owns is never written to, and the
+paper's 300-case run on SLURM submits few, batched jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from kitsnet.synth import kits_affine
+
+
+def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """The repository's Snakefile run from ``workdir`` (no copy of config/: the workflow finds
+    its own config files)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
+
+
+def _kits_tree(root: Path, n: int, missing: str | None = None) -> Path:
+    """``n`` tiny cases in KiTS21's layout; ``missing``: one file left out (a broken download)."""
+    import nibabel as nib
+
+    aff = kits_affine((3.0, 0.8, 0.8))
+    for i in range(n):
+        case = root / f"case_{i:05d}"
+        case.mkdir(parents=True)
+        img = np.full((4, 8, 8), -1000, np.int16)
+        nib.save(nib.Nifti1Image(img, aff), case / "imaging.nii.gz")
+        seg = np.zeros((4, 8, 8), np.uint8)
+        nib.save(nib.Nifti1Image(seg, aff), case / "aggregated_MAJ_seg.nii.gz")
+    if missing:
+        (root / missing).unlink()
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with its content hash (folders: '')."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture
+def real_root(tmp_path) -> Path:
+    return _kits_tree(tmp_path / "kits21" / "data", 10, missing="case_00003/imaging.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["demo config + data_root", "profile + --config data_root", "profile + --configfile"],
+)
+def test_a_real_data_root_with_a_missing_file_is_never_written_to(tmp_path, real_root, how):
+    """The demo's settings generate synthetic cases, but only under results/: a data_root the
+    user owns stops the run with the conflict named; with the paper's settings the missing file
+    is reported.  Either way the folder is left byte for byte as it was."""
+    before = _snapshot(real_root)
+    work = tmp_path / "work"
+    work.mkdir()
+    user = tmp_path / "my.yaml"
+    user.write_text(f"data_root: {real_root}\n")
+    args = {
+        "demo config + data_root": ["--cores", "1", "--config", f"data_root={real_root}"],
+        # a --config replaces the profile's preset=paper: the demo's settings are left
+        "profile + --config data_root": [
+            "--profile",
+            str(REPO / "slurm"),
+            "--config",
+            f"data_root={real_root}",
+        ],
+        # a --configfile is layered on the profile's preset=paper
+        "profile + --configfile": ["--profile", str(REPO / "slurm"), "--configfile", str(user)],
+    }[how]
+    proc = _snakemake(work, *args, "--", "results/table1.csv")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    if how == "profile + --configfile":
+        assert "case_00003" in out and "imaging.nii.gz" in out, out[-3000:]
+    else:
+        assert "outside results/" in out and "preset: paper" in out, out[-3000:]
+    assert _snapshot(real_root) == before
+    assert not (work / "results" / "data").exists()
+
+
+def test_profile_with_a_configfile_of_only_data_root_plans_the_papers_settings(tmp_path):
+    root = _kits_tree(tmp_path / "data", 10)
+    user = tmp_path / "my.yaml"
+    user.write_text(f"data_root: {root}\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = _snakemake(
+        work,
+        "-n",
+        "--profile",
+        str(REPO / "slurm"),
+        "--configfile",
+        str(user),
+        "--",
+        "results/table1.csv",
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
+    assert counts["train"] == "20" and "synth" not in counts
+    train = [b for b in proc.stdout.split("\nrule ") if b.startswith("train:")]
+    # the paper's resources (config/kits21.yaml), one GPU each
+    for cfg, mem, runtime in (("3d_fullres", 64000, 4320), ("2d", 32000, 1440)):
+        block = next(b for b in train if f"models/{cfg}/fold_0/" in b)
+        assert f"mem_mb={mem}," in block and f"runtime={runtime}," in block, block
+        assert re.search(r"\bgpu=1\b", block), block
+
+
+def test_a_300_case_paper_run_submits_at_most_100_sbatch_jobs(tmp_path):
+    """Dry run of the SLURM profile over a 300-case KiTS21 tree: every group job and every
+    job outside a group (local rules aside) is one sbatch submission."""
+    root = _kits_tree(tmp_path / "data", 300)
+    user = tmp_path / "my.yaml"
+    user.write_text(f"data_root: {root}\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = _snakemake(
+        work,
+        "-n",
+        "--profile",
+        str(REPO / "slurm"),
+        "--configfile",
+        str(user),
+        "--",
+        "results/table1.csv",
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, (out + proc.stderr)[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
+    assert counts["preprocess"] == "900" and counts["train"] == "20"
+    groups = re.findall(r"Group job (\w+)", out)
+    single = re.findall(r"^rule (\w+):", out, flags=re.M)  # not indented: not in a group
+    assert set(groups) == {"preprocessing"} and len(groups) == 30
+    assert "preprocess" not in single
+    submissions = len(groups) + len(single)
+    assert submissions <= 100, (len(groups), sorted(set(single)))
+    assert single.count("train") == 20  # each training its own job, with its GPU
