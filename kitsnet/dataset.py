@@ -1,8 +1,10 @@
-"""The KiTS21 folder layout: case ids, file names, and up-front validation.
+"""The KiTS folder layouts: case ids, file names, and up-front validation.
 
 A KiTS21 data root holds one folder per case, ``case_XXXXX/imaging.nii.gz`` and
-``case_XXXXX/aggregated_MAJ_seg.nii.gz``.  Case ids are constrained to ``case_\\d{5}`` here and in
-the workflow's wildcards, so no id can point outside the data root.
+``case_XXXXX/aggregated_MAJ_seg.nii.gz``; a KiTS23 data root (its ``dataset/`` folder) the same
+with ``segmentation.nii.gz`` (the same labels; its cases 0-299 are KiTS21's patients).  The
+``dataset`` setting (or :func:`detect_dataset`) says which.  Case ids are constrained to
+``case_\\d{5}`` here and in the workflow's wildcards, so no id can point outside the data root.
 
 Validation comes in two layers, both reporting *every* problem, one line each, in the form
 ``case_XXXXX: path: what is wrong``:
@@ -34,7 +36,13 @@ CASE_RE = re.compile(r"case_\d{5}")
 # also a well-formed case) instead of being silently skipped.
 CASE_LIKE_RE = re.compile(r"case\W*_?\W*0*(\d+)\D*", re.IGNORECASE)
 IMAGE_NAME = "imaging.nii.gz"
-LABEL_NAME = "aggregated_MAJ_seg.nii.gz"
+# the reference segmentation of each layout (the synthetic demo writes KiTS21's)
+LABEL_NAMES = {
+    "kits21": "aggregated_MAJ_seg.nii.gz",
+    "kits23": "segmentation.nii.gz",
+    "synthetic": "aggregated_MAJ_seg.nii.gz",
+}
+LABEL_NAME = LABEL_NAMES["kits21"]
 LABELS = {0: "background", 1: "kidney", 2: "tumor", 3: "cyst"}
 # Plausible CT in Hounsfield units: air (about -1000 HU) surrounds every abdominal scan, so the
 # darkest voxel must be air-like; scanners pad outside the field of view with down to -3024, and
@@ -57,8 +65,24 @@ def image_path(root: str | Path, case: str) -> Path:
     return Path(root) / check_case_id(case) / IMAGE_NAME
 
 
-def label_path(root: str | Path, case: str) -> Path:
-    return Path(root) / check_case_id(case) / LABEL_NAME
+def label_path(root: str | Path, case: str, label_name: str = LABEL_NAME) -> Path:
+    return Path(root) / check_case_id(case) / label_name
+
+
+def label_name_of(dataset: str) -> str:
+    """The label file name of a ``dataset`` setting (kits21, kits23, synthetic)."""
+    if dataset not in LABEL_NAMES:
+        raise KitsnetError(f"dataset: {dataset!r} is not one of {sorted(LABEL_NAMES)}")
+    return LABEL_NAMES[dataset]
+
+
+def detect_dataset(root: str | Path) -> str:
+    """kits23 when the case folders hold ``segmentation.nii.gz`` and none KiTS21's label file,
+    else kits21 (whose problems the validation then names)."""
+    folders = [Path(root) / c for c in list_cases(root)]
+    kits21 = any((f / LABEL_NAMES["kits21"]).exists() for f in folders)
+    kits23 = any((f / LABEL_NAMES["kits23"]).exists() for f in folders)
+    return "kits23" if kits23 and not kits21 else "kits21"
 
 
 def list_cases(root: str | Path) -> list[str]:
@@ -70,7 +94,10 @@ def list_cases(root: str | Path) -> list[str]:
 
 
 def check_layout(
-    root: str | Path, cases: list[str] | None = None, folds: int | None = None
+    root: str | Path,
+    cases: list[str] | None = None,
+    folds: int | None = None,
+    label_name: str = LABEL_NAME,
 ) -> list[str]:
     """Problems visible from names and ``stat`` alone, one line each (reads no volume).
 
@@ -118,7 +145,7 @@ def check_layout(
             if case not in wellformed:
                 problems.append(f"{case}: {folder}: is not a folder")
             continue
-        for path in (folder / IMAGE_NAME, folder / LABEL_NAME):
+        for path in (folder / IMAGE_NAME, folder / label_name):
             if not path.exists():
                 problems.append(f"{case}: {path}: file is missing")
             elif not path.is_file():
@@ -141,11 +168,11 @@ def _raw_pixdim(path: Path) -> tuple[float, float, float] | None:
         return None
 
 
-def validate_case(root: str | Path, case: str) -> list[str]:
+def validate_case(root: str | Path, case: str, label_name: str = LABEL_NAME) -> list[str]:
     """All problems of one case, one line each (empty list = the case is usable)."""
     problems: list[str] = []
     vols = {}
-    paths = {"image": image_path(root, case), "label": label_path(root, case)}
+    paths = {"image": image_path(root, case), "label": label_path(root, case, label_name)}
     for kind, path in paths.items():
         try:
             vols[kind] = load_volume(path, case, verify=True)
@@ -204,19 +231,26 @@ def validate_case(root: str | Path, case: str) -> list[str]:
     return problems
 
 
-def validate_dataset(root: str | Path, cases: list[str] | None = None, folds: int = 5) -> dict:
-    """Check every case and return a verdict; raise listing *all* problems if any is found."""
+def validate_dataset(
+    root: str | Path, cases: list[str] | None = None, folds: int = 5, dataset: str = "auto"
+) -> dict:
+    """Check every case and return a verdict; raise listing *all* problems if any is found.
+
+    ``dataset``: kits21, kits23 (which label file each case has) or auto (:func:`detect_dataset`).
+    """
     root = Path(root)
     if not root.is_dir():
         raise KitsnetError(f"{root}: data root is missing or not a folder")
-    problems = check_layout(root, cases, folds)
+    dataset = detect_dataset(root) if dataset == "auto" else dataset
+    label_name = label_name_of(dataset)
+    problems = check_layout(root, cases, folds, label_name)
     wanted = list_cases(root) if cases is None else list(dict.fromkeys(cases))
     for case in wanted:
         if CASE_RE.fullmatch(str(case)) and (root / case).is_dir():
-            problems.extend(validate_case(root, case))
+            problems.extend(validate_case(root, case, label_name))
     problems = list(dict.fromkeys(problems))  # a missing file is seen by both layers
     if problems:
         raise KitsnetError(
             f"dataset {root} has {len(problems)} problem(s):\n" + "\n".join(problems)
         )
-    return {"data_root": str(root), "cases": wanted, "n_cases": len(wanted)}
+    return {"data_root": str(root), "dataset": dataset, "cases": wanted, "n_cases": len(wanted)}

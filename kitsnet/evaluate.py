@@ -588,7 +588,8 @@ def pair_folder(
     """Pair ``pred_dir/<case>.nii.gz`` with its reference, sorted by case.
 
     The reference is ``ref_dir/<case>.nii.gz`` (flat layout) or, KiTS21 dataset layout,
-    ``ref_dir/<case>/aggregated_MAJ_seg.nii.gz``.  Every prediction needs a reference.  In the
+    ``ref_dir/<case>/aggregated_MAJ_seg.nii.gz`` (KiTS23: ``segmentation.nii.gz``).  Every
+    prediction needs a reference.  In the
     flat layout every reference also needs a prediction (the folder is meant to mirror the
     predictions, so a missing prediction is an error, not a silently better mean); a KiTS21
     dataset folder holds all cases, so there only the predictions decide which cases are scored.
@@ -606,13 +607,14 @@ def pair_folder(
     for case in sorted(preds):
         ref = flat_refs.get(case)
         if ref is None:
-            nested = ref_dir / case / REFERENCE_FILENAME
-            if not nested.is_file():
+            # KiTS21's label file, else KiTS23's
+            candidates = [ref_dir / case / n for n in (REFERENCE_FILENAME, "segmentation.nii.gz")]
+            ref = next((c for c in candidates if c.is_file()), None)
+            if ref is None:
                 raise KitsnetError(
-                    f"{case}: prediction {preds[case]} has no reference: neither "
-                    f"{ref_dir / (case + _NII_SUFFIX)} nor {nested} exists"
+                    f"{case}: prediction {preds[case]} has no reference: none of "
+                    f"{ref_dir / (case + _NII_SUFFIX)}, {', '.join(map(str, candidates))} exists"
                 )
-            ref = nested
         pairs.append((case, preds[case], ref))
     for case in sorted(set(flat_refs) - set(preds)):
         raise KitsnetError(

@@ -11,7 +11,12 @@ min_version("9.0")
 
 # kitsnet is imported from this checkout so the workflow and the installed CLI never disagree.
 sys.path.insert(0, workflow.basedir)
-from kitsnet.dataset import list_cases, check_case_id, check_layout  # noqa: E402
+from kitsnet.dataset import (
+    list_cases,
+    check_case_id,
+    check_layout,
+    label_name_of,
+)  # noqa: E402
 from kitsnet.plan import DATA_OF, PREVIOUS_STAGE  # noqa: E402
 
 # The settings: the files of a preset from this workflow's config/ folder (found beside the
@@ -44,8 +49,23 @@ validate(config, "../config/schema.yaml")
 
 CONFIGS = list(config["configurations"])
 FOLDS = list(range(int(config["folds"])))
-DATA_ROOT = config["data_root"]
-SYNTHETIC = config.get("synthetic") or None
+# which data: the synthetic demo, or real KiTS21 / KiTS23 cases (their label file names differ);
+# without a dataset key, synthetic when synthetic: is set
+DATASET = config.get("dataset") or (
+    "synthetic" if config.get("synthetic") else "kits21"
+)
+SYNTHETIC = (config.get("synthetic") or None) if DATASET == "synthetic" else None
+if DATASET == "synthetic" and not SYNTHETIC:
+    raise WorkflowError(
+        "dataset: synthetic needs the synthetic: settings (cases, seed)"
+    )
+LABEL_NAME = label_name_of(DATASET)
+# fetch_imaging: the labels stay in the user's data_root (a clone of the organisers'
+# repository); the imaging is downloaded and the labels copied to results/data/<dataset>, which
+# the rest of the workflow reads.  Nothing is written into data_root.
+FETCH = bool(config.get("fetch_imaging")) and DATASET != "synthetic"
+LABEL_ROOT = config["data_root"]
+DATA_ROOT = f"results/data/{DATASET}" if FETCH else config["data_root"]
 for _cfg in CONFIGS:
     _prev = PREVIOUS_STAGE.get(_cfg)
     if _prev and _prev not in CONFIGS:
@@ -53,19 +73,35 @@ for _cfg in CONFIGS:
 
 
 def discover_cases():
-    """Case ids: from the synthetic settings, or the folders of a real KiTS21 data root."""
+    """Case ids: from the synthetic settings, or the folders of a real KiTS data root (with
+    fetch_imaging: the case folders of the labels' root that hold a label file)."""
     if SYNTHETIC:
         return [f"case_{i:05d}" for i in range(int(SYNTHETIC["cases"]))]
+    if FETCH:
+        if not os.path.isdir(LABEL_ROOT):
+            raise WorkflowError(f"data_root: {LABEL_ROOT!r} is missing or not a folder")
+        cases = [
+            c
+            for c in list_cases(LABEL_ROOT)
+            if os.path.isfile(f"{LABEL_ROOT}/{c}/{LABEL_NAME}")
+        ]
+        if len(cases) < len(FOLDS):
+            raise WorkflowError(
+                f"data_root: {LABEL_ROOT!r} has {len(cases)} case folders with {LABEL_NAME} "
+                f"({DATASET}), fewer than the {len(FOLDS)} folds"
+            )
+        return cases
     if not os.path.isdir(DATA_ROOT):
         raise WorkflowError(f"data_root: {DATA_ROOT!r} is missing or not a folder")
     # names and stat() only, so a broken layout stops the workflow before any job; the
     # validate_dataset rule reads every volume
-    problems = check_layout(DATA_ROOT, folds=len(FOLDS))
+    problems = check_layout(DATA_ROOT, folds=len(FOLDS), label_name=LABEL_NAME)
     if problems:
         raise WorkflowError(
             f"data_root: {DATA_ROOT!r} has {len(problems)} problem(s) (folds={len(FOLDS)}):\n"
             + "\n".join(problems)
-            + f"\n(`kitsnet validate {DATA_ROOT}` also checks the content of every case)"
+            + f"\n(`kitsnet validate {DATA_ROOT}` also checks the content of every case; "
+            + "missing imaging: `kitsnet fetch` or fetch_imaging: true)"
         )
     return list_cases(DATA_ROOT)
 
@@ -101,7 +137,7 @@ def image_files(wildcards=None):
 
 
 def label_files(wildcards=None):
-    return expand("{root}/{case}/aggregated_MAJ_seg.nii.gz", root=DATA_ROOT, case=CASES)
+    return expand("{root}/{case}/{name}", root=DATA_ROOT, case=CASES, name=LABEL_NAME)
 
 
 def data_root_of(image_files):

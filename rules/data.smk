@@ -19,6 +19,31 @@ if SYNTHETIC:
             "../workflow_scripts/synth.py"
 
 
+if FETCH:
+
+    # downloads need the network, which login nodes have and compute nodes often lack
+    localrules:
+        fetch_imaging,
+
+    rule fetch_imaging:
+        """Download one case's CT from KiTS's host into results/data/<dataset>, beside a copy of
+        its label file from data_root (kitsnet.fetch: resumable, verified)."""
+        input:
+            label=f"{LABEL_ROOT}/{{case}}/{LABEL_NAME}",
+        output:
+            image=f"{DATA_ROOT}/{{case}}/imaging.nii.gz",
+            label=f"{DATA_ROOT}/{{case}}/{LABEL_NAME}",
+        log:
+            "results/logs/fetch_imaging/{case}.log",
+        conda:
+            "../envs/torch.yaml"
+        params:
+            dataset=DATASET,
+            base_url=config.get("fetch_base_url"),
+        script:
+            "../workflow_scripts/fetch.py"
+
+
 rule validate_dataset:
     """Check every case up front and report all problems at once."""
     input:
@@ -39,5 +64,6 @@ rule validate_dataset:
         root=lambda w, input: data_root_of(input.images),
         cases=CASES,
         folds=len(FOLDS),
+        dataset="kits21" if DATASET == "synthetic" else DATASET,
     script:
         "../workflow_scripts/validate.py"

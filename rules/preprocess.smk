@@ -3,7 +3,7 @@ rule preprocess:
     input:
         plan="results/plans/{data}.json",
         image=f"{DATA_ROOT}/{{case}}/imaging.nii.gz",
-        label=f"{DATA_ROOT}/{{case}}/aggregated_MAJ_seg.nii.gz",
+        label=f"{DATA_ROOT}/{{case}}/{LABEL_NAME}",
     output:
         image=intermediate("results/preprocessed/{data}/{case}_image.npy"),
         seg=intermediate("results/preprocessed/{data}/{case}_seg.npy"),
