@@ -178,14 +178,16 @@ class _Steps:
         state.opt.zero_grad(set_to_none=True)
         try:
             loss = self._loss(self.forward, x, targets)
+            state.scaler.scale(loss).backward()
         except Exception as exc:
             if self.forward is state.net:
                 raise
-            # torch.compile fails lazily, at the first call: fall back to eager for the run
+            # torch.compile fails lazily, in the first forward or backward: eager from now on
             self.log(f"warning: torch.compile failed ({type(exc).__name__}: {exc}); eager mode")
             self.forward = state.net
+            state.opt.zero_grad(set_to_none=True)
             loss = self._loss(self.forward, x, targets)
-        state.scaler.scale(loss).backward()
+            state.scaler.scale(loss).backward()
         state.scaler.unscale_(state.opt)
         torch.nn.utils.clip_grad_norm_(state.net.parameters(), self.grad_clip)
         state.scaler.step(state.opt)

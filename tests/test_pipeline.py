@@ -96,3 +96,32 @@ def test_training_is_the_same_with_and_without_workers(tmp_path, tiny):
             r.split(",")[:5] for r in (out / "training_log.csv").read_text().splitlines()
         ]
     assert logs[0] == logs[2]
+
+
+@pytest.mark.parametrize("when", ["at torch.compile", "at the first call"])
+def test_training_compile_falls_back_to_eager_with_a_warning(tmp_path, tiny, monkeypatch, when):
+    """``training.compile``: where compilation fails (no compiler, an unsupported op), training
+    goes on in eager mode and says so, with the same result as an eager run."""
+
+    def broken_compile(net):
+        if when == "at torch.compile":
+            raise RuntimeError("no C++ compiler")
+
+        def forward(x):
+            raise RuntimeError("inductor: backend compiler failed")
+
+        return forward
+
+    data, split = tiny
+    logs = {}
+    for mode in ("eager", "compile"):
+        if mode == "compile":
+            monkeypatch.setattr(torch, "compile", broken_compile)
+        out, msgs = tmp_path / mode, []
+        training = dict(TRAINING, epochs=1, compile=mode == "compile")
+        train_fold(_plan(), [split], 0, data, out, training, AUG, seed=1, log=msgs.append)
+        logs[mode] = [r.split(",")[:5] for r in (out / "training_log.csv").read_text().splitlines()]
+        if mode == "compile":
+            warnings = [m for m in msgs if "torch.compile" in m and "eager" in m]
+            assert len(warnings) == 1, msgs
+    assert logs["compile"] == logs["eager"]
