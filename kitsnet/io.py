@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 import os
 import tempfile
@@ -196,13 +197,44 @@ def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
 ATTEMPT_HEADER = "===== attempt"
 
 
+class _Tee(io.TextIOBase):
+    """Write to several text files at once (the job's log and its attempt's copy)."""
+
+    def __init__(self, *files):
+        self.files = files
+
+    def write(self, text: str) -> int:
+        for fh in self.files:
+            fh.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for fh in self.files:
+            fh.flush()
+
+
+def attempt_log(path: str | os.PathLike[str]) -> Path:
+    """The next free ``attempts/<name>.attemptN.log`` beside the log ``path``.
+
+    Snakemake deletes a job's log before it retries the job, so each attempt also writes this
+    copy, which Snakemake does not manage: the log of a training killed at its time limit is
+    still there after the retry."""
+    path = Path(path)
+    folder = path.parent / "attempts"
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while (folder / f"{path.stem}.attempt{n}.log").exists():
+        n += 1
+    return folder / f"{path.stem}.attempt{n}.log"
+
+
 @contextlib.contextmanager
 def log_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
     """Send everything a step prints (and its traceback, on failure) to ``path``.
 
-    The workflow gives every rule a ``log:`` file; this is how the adapters honour it.  Each
-    run of the step is appended under a header line ``===== attempt N ...``, so a job that was
-    retried (killed at its time limit, say) keeps the log of every attempt.
+    The workflow gives every rule a ``log:`` file; this is how the adapters honour it.  Every
+    run of the step also goes to its own ``attempts/<name>.attemptN.log`` (:func:`attempt_log`),
+    headed ``===== attempt N``, so a job that was retried keeps the log of every attempt.
     """
     if path is None:
         yield
@@ -213,28 +245,29 @@ def log_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
     import traceback
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    previous = Path(path).read_text(errors="replace") if Path(path).is_file() else ""
-    attempt = sum(line.startswith(ATTEMPT_HEADER) for line in previous.splitlines()) + 1
+    copy = attempt_log(path)
+    attempt = copy.stem.rsplit("attempt", 1)[-1]
     where = socket.gethostname()
     if os.environ.get("SLURM_JOB_ID"):
         where += f", SLURM job {os.environ['SLURM_JOB_ID']}"
     with (
-        open(path, "a", buffering=1) as fh,
-        contextlib.redirect_stdout(fh),
-        contextlib.redirect_stderr(fh),
+        open(path, "a", buffering=1) as main,
+        open(copy, "w", buffering=1) as side,
     ):
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        print(f"{ATTEMPT_HEADER} {attempt}: {stamp} on {where} (pid {os.getpid()})", file=fh)
-        try:
-            yield
-        except Exception as exc:
-            traceback.print_exc(file=fh)
-            fh.flush()
-            # also tell the console, so a failing job's reason is visible without the log:
-            # all of a KitsnetError (it may list many problems, one a line), else the last line
-            if isinstance(exc, KitsnetError):
-                reason = f"{type(exc).__name__}: {exc}"
-            else:
-                reason = traceback.format_exc().strip().splitlines()[-1]
-            print(f"see {path}: {reason}", file=sys.__stderr__, flush=True)
-            raise
+        fh = _Tee(main, side)
+        with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+            print(f"{ATTEMPT_HEADER} {attempt}: {stamp} on {where} (pid {os.getpid()})", file=fh)
+            try:
+                yield
+            except Exception as exc:
+                traceback.print_exc(file=fh)
+                fh.flush()
+                # also tell the console, so a failing job's reason is visible without the log:
+                # all of a KitsnetError (it may list many problems, one a line), else the last
+                if isinstance(exc, KitsnetError):
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    reason = traceback.format_exc().strip().splitlines()[-1]
+                print(f"see {path}: {reason}", file=sys.__stderr__, flush=True)
+                raise
