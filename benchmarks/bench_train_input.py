@@ -165,28 +165,18 @@ def _paper_plan(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cropped_case(case: str, out: Path, margin: int) -> tuple[Path, Path]:
-    """Like ``paper_step._real_case`` (the same painting), on the label map cropped to its
-    foreground's bounding box plus ``margin`` voxels."""
+    """``paper_step.painted_case`` of the label map cropped to its foreground's bounding box
+    plus ``margin`` voxels."""
     import nibabel as nib
 
-    from benchmarks.paper_step import HU
+    from benchmarks.paper_step import painted_case
 
     lab = nib.load(_label_map(case))
     full = np.asarray(lab.dataobj)
     box = tuple(
         slice(max(0, int(a.min()) - margin), int(a.max()) + 1 + margin) for a in np.nonzero(full)
     )
-    lab = lab.slicer[box]  # keeps the affine right
-    seg = np.asarray(lab.dataobj).astype(np.uint8)
-    rng = np.random.default_rng(0)
-    img = np.vectorize(HU.get, otypes=[np.float32])(seg) + rng.normal(0, 25, seg.shape)
-    img[:, :20] = -1000.0
-    folder = out / case
-    folder.mkdir(parents=True)
-    image, label = folder / "imaging.nii.gz", folder / "aggregated_MAJ_seg.nii.gz"
-    nib.save(nib.Nifti1Image(img.astype(np.float32), lab.affine, lab.header), image)
-    nib.save(nib.Nifti1Image(seg, lab.affine, lab.header), label)
-    return image, label
+    return painted_case(lab.slicer[box], case, out)  # slicer keeps the affine right
 
 
 def _write_case(case: str, root: Path, crop: int | None) -> None:

@@ -37,7 +37,14 @@ def _real_case(case: str, out: Path) -> tuple[Path, Path]:
     """One real label map and a CT-like image painted from it, in KiTS21's layout."""
     import nibabel as nib
 
-    lab = nib.load(LABELS_DIR / f"{case}_MAJ.nii.gz")
+    return painted_case(nib.load(LABELS_DIR / f"{case}_MAJ.nii.gz"), case, out)
+
+
+def painted_case(lab, case: str, out: Path) -> tuple[Path, Path]:
+    """``out/case`` in KiTS21's layout from a label map (a nibabel image): the labels and a
+    CT-like image painted from them (HU per class, noise, some air)."""
+    import nibabel as nib
+
     seg = np.asarray(lab.dataobj).astype(np.uint8)
     rng = np.random.default_rng(0)
     img = np.vectorize(HU.get, otypes=[np.float32])(seg) + rng.normal(0, 25, seg.shape)
@@ -102,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plan + preprocess {name}: {report['plans'][name]} -> {shape}, {mb:.0f} MiB, "
                   f"{report['preprocess'][name]['seconds']} s, peak {_peak_mib():.0f} MiB")
         plan = make_plan("3d_fullres", fp, copy.deepcopy(cfg))
+        # this machine's threads (workers: auto = threads - 1), not the paper's GPU node's 8
         training = dict(cfg["training"], epochs=1, iterations_per_epoch=args.iterations,
-                        val_iterations=1, checkpoint_every=1, device="cpu")
+                        val_iterations=1, checkpoint_every=1, device="cpu",
+                        threads=args.threads)
         splits = [{"train": [args.case], "val": [args.case]}]
         t0 = time.perf_counter()
         train_fold(plan, splits, 0, root / "pre" / "3d_fullres", root / "model", training,
