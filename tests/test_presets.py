@@ -49,6 +49,17 @@ def _snapshot(root: Path) -> dict[str, str]:
     }
 
 
+def _profile_dry_run(tmp_path: Path, root: Path) -> subprocess.CompletedProcess:
+    """``snakemake -n --profile slurm --configfile my.yaml`` with my.yaml holding only
+    ``data_root``, as a user adds their data to the paper's run."""
+    user = tmp_path / "my.yaml"
+    user.write_text(f"data_root: {root}\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["-n", "--profile", str(REPO / "slurm"), "--configfile", str(user)]
+    return _snakemake(work, *args, "--", "results/table1.csv")
+
+
 @pytest.fixture
 def real_root(tmp_path) -> Path:
     return _kits_tree(tmp_path / "kits21" / "data", 10, missing="case_00003/imaging.nii.gz")
@@ -92,20 +103,7 @@ def test_a_real_data_root_with_a_missing_file_is_never_written_to(tmp_path, real
 
 def test_profile_with_a_configfile_of_only_data_root_plans_the_papers_settings(tmp_path):
     root = _kits_tree(tmp_path / "data", 10)
-    user = tmp_path / "my.yaml"
-    user.write_text(f"data_root: {root}\n")
-    work = tmp_path / "work"
-    work.mkdir()
-    proc = _snakemake(
-        work,
-        "-n",
-        "--profile",
-        str(REPO / "slurm"),
-        "--configfile",
-        str(user),
-        "--",
-        "results/table1.csv",
-    )
+    proc = _profile_dry_run(tmp_path, root)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
@@ -122,20 +120,7 @@ def test_a_300_case_paper_run_submits_at_most_100_sbatch_jobs(tmp_path):
     """Dry run of the SLURM profile over a 300-case KiTS21 tree: every group job and every
     job outside a group (local rules aside) is one sbatch submission."""
     root = _kits_tree(tmp_path / "data", 300)
-    user = tmp_path / "my.yaml"
-    user.write_text(f"data_root: {root}\n")
-    work = tmp_path / "work"
-    work.mkdir()
-    proc = _snakemake(
-        work,
-        "-n",
-        "--profile",
-        str(REPO / "slurm"),
-        "--configfile",
-        str(user),
-        "--",
-        "results/table1.csv",
-    )
+    proc = _profile_dry_run(tmp_path, root)
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
