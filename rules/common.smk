@@ -1,7 +1,7 @@
 import copy
 import math
 import os
-import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -9,15 +9,34 @@ from snakemake.utils import min_version, update_config, validate
 
 min_version("9.0")
 
-# kitsnet is imported from this checkout so the workflow and the installed CLI never disagree.
-sys.path.insert(0, workflow.basedir)
-from kitsnet.dataset import (
-    list_cases,
-    check_case_id,
-    check_layout,
-    label_name_of,
-)  # noqa: E402
-from kitsnet.plan import DATA_OF, PREVIOUS_STAGE  # noqa: E402
+
+def check_kitsnet_version():
+    """kitsnet is the installed package (pip install -e '.[workflow]' in a checkout; pinned to the
+    workflow's release tag in envs/*.yaml and in a module deployment), never this folder on
+    sys.path.  It must be the release this workflow belongs to, or plans and arrays written
+    by one version would be read by another."""
+    with open(workflow.source_path("../pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)["project"]
+    wanted, repository = project["version"], project["urls"]["Repository"]
+    install = (
+        "pip install -e '.[workflow]' in a checkout of the workflow, or "
+        f"pip install 'kitsnet[workflow] @ git+{repository}@v{wanted}'"
+    )
+    try:
+        import kitsnet
+    except ImportError as err:
+        raise WorkflowError(f"kitsnet is not installed ({err}): {install}")
+    if kitsnet.__version__ != wanted:
+        raise WorkflowError(
+            f"this workflow is kitsnet {wanted}, but the installed kitsnet is "
+            f"{kitsnet.__version__} ({os.path.dirname(kitsnet.__file__)}).  Install the "
+            f"matching release: {install}"
+        )
+
+
+check_kitsnet_version()
+from kitsnet.dataset import list_cases, check_case_id, check_layout, label_name_of
+from kitsnet.plan import DATA_OF, PREVIOUS_STAGE
 
 # The settings: the files of a preset from this workflow's config/ folder (found beside the
 # Snakefile, not in the working directory, so --directory works), then the user's --configfile
@@ -35,7 +54,7 @@ def assemble_config(user):
         raise WorkflowError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
     merged = {}
     for name in PRESETS[preset]:
-        with open(Path(workflow.basedir) / name) as fh:
+        with open(workflow.source_path(f"../{name}")) as fh:
             update_config(merged, yaml.safe_load(fh))
     update_config(merged, user)
     merged["preset"] = preset

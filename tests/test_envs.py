@@ -42,6 +42,9 @@ def _env_pins(path: Path) -> dict[str, str]:
     for dep in env["dependencies"]:
         if isinstance(dep, dict):
             for req in dep["pip"]:
+                if req.startswith("kitsnet"):
+                    pins["kitsnet"] = _kitsnet_tag(path, req)
+                    continue
                 m = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([0-9][0-9A-Za-z.+]*)", req)
                 assert m, f"{path.name}: pip requirement {req!r} is not pinned with =="
                 pins[canonicalize_name(m.group(1))] = m.group(2)
@@ -52,12 +55,26 @@ def _env_pins(path: Path) -> dict[str, str]:
     return pins
 
 
+def _kitsnet_tag(path: Path, line: str) -> str:
+    """The version a step environment installs kitsnet at: it must be the workflow's own
+    repository at the tag of pyproject.toml's version (what a module deployment of that tag
+    runs), not a checkout on sys.path."""
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    req = Requirement(line)
+    version = meta["version"]
+    assert req.url == f"git+{meta['urls']['Repository']}@v{version}", f"{path.name}: {line}"
+    return version
+
+
 def _pyproject() -> tuple[dict[str, SpecifierSet], SpecifierSet]:
+    """Every requirement of the package and its extras (not the extras' self-references)."""
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     deps = {}
-    for line in meta["dependencies"]:
+    extras = [line for lines in meta["optional-dependencies"].values() for line in lines]
+    for line in [*meta["dependencies"], *extras]:
         req = Requirement(line)
-        deps[canonicalize_name(req.name)] = req.specifier
+        if canonicalize_name(req.name) != "kitsnet":
+            deps[canonicalize_name(req.name)] = req.specifier
     return deps, SpecifierSet(meta["requires-python"])
 
 
@@ -89,6 +106,21 @@ def test_environment_is_pinned_and_agrees_with_pyproject(env):
     exact = {n: str(s).removeprefix("==") for n, s in deps.items() if str(s).startswith("==")}
     for name in set(pins) & set(exact):
         assert pins[name] == exact[name], f"{env.name}: {name} {pins[name]} != {exact[name]}"
+
+
+def test_every_environment_installs_kitsnet_from_the_workflows_release_tag():
+    for env in ENVS:
+        assert _env_pins(env).get("kitsnet"), f"{env.name} does not install kitsnet"
+    assert "kitsnet[torch] @ git+" in (REPO / "envs" / "torch.yaml").read_text()
+
+
+def test_workflow_code_never_puts_a_checkout_on_sys_path():
+    """A module deployment has no checkout: kitsnet must come from the installed package."""
+    files = [REPO / "Snakefile", *(REPO / "rules").glob("*.smk")]
+    files += (REPO / "workflow_scripts").glob("*.py")
+    path_edit = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*[+]?=|PYTHONPATH")
+    offenders = [f.name for f in files if path_edit.search(f.read_text())]
+    assert offenders == []
 
 
 def test_environments_agree_with_each_other_and_cover_the_steps():
@@ -124,7 +156,11 @@ def test_slurm_profile_is_commented_sets_the_paper_preset_and_batches_preprocess
 
 def test_report_dependencies_come_with_a_plain_install_and_the_report_env():
     """`snakemake --report` needs pygments, which snakemake does not depend on: it must come
-    with `pip install -e .` (not only with the test extra, where pytest brings it)."""
-    deps, _ = _pyproject()
-    assert "pygments" in deps
+    with the README's install, `pip install -e '.[workflow]'` (not only with the test extra,
+    where pytest brings it)."""
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extra = meta["optional-dependencies"]["workflow"]
+    workflow = {canonicalize_name(Requirement(r).name) for r in extra}
+    assert "pygments" in workflow and "snakemake" in workflow
+    assert "pip install -e '.[workflow]' && snakemake --cores 2" in (REPO / "README.md").read_text()
     assert "pygments" in _env_pins(REPO / "envs" / "report.yaml")

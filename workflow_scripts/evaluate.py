@@ -1,9 +1,6 @@
 """Adapter: rule evaluate -> kitsnet.evaluate (the fold's validation cases vs the reference)."""
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.evaluate import evaluate_pairs, write_scores
 from kitsnet.io import KitsnetError, load_json, log_to

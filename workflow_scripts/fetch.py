@@ -1,10 +1,7 @@
 """Adapter: rule fetch_imaging -> kitsnet.fetch.fetch (one case) + a copy of its label file."""
 
 import shutil
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.fetch import DEFAULT_BASE_URL, fetch
 from kitsnet.io import KitsnetError, atomic_path, log_to

@@ -1,9 +1,7 @@
 """Adapter: rule figures -> kitsnet.report.plot_reference / plot_predictions."""
 
-import sys
+from itertools import product
 from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.io import load_json, log_to
 from kitsnet.report import plot_predictions, plot_reference
@@ -16,8 +14,11 @@ with log_to(snakemake.log[0]):
     images = {Path(f).parent.name: Path(f) for f in snakemake.input.images}
     refs = {Path(f).parent.name: Path(f) for f in snakemake.input.labels}
     plot_reference([(c, images[c], refs[c]) for c in cases], Path(snakemake.output.fig1))
+    # input.predictions is expand(config=configs, fold=folds), in that order
+    folds = sorted(set(fold_of.values()))
+    pred_dirs = dict(zip(product(p.configs, folds), snakemake.input.predictions, strict=True))
     preds = {
-        cfg: {c: Path(f"results/predictions/{cfg}/fold_{fold_of[c]}/{c}.nii.gz") for c in cases}
+        cfg: {c: Path(pred_dirs[cfg, fold_of[c]]) / f"{c}.nii.gz" for c in cases}
         for cfg in p.configs
     }
     plot_predictions(cases, images, refs, preds, Path(snakemake.output.fig2))

@@ -1,9 +1,6 @@
 """Adapter: rule fingerprint -> kitsnet.plan.fingerprint."""
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.io import log_to, save_json
 from kitsnet.plan import fingerprint

@@ -1,9 +1,6 @@
 """Adapter: rule plan -> kitsnet.plan.make_plan."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.io import load_json, log_to, save_json
 from kitsnet.plan import make_plan

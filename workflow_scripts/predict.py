@@ -1,9 +1,6 @@
 """Adapter: rules predict / predict_lowres -> kitsnet.infer.predict_fold."""
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 import torch
 

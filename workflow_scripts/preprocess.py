@@ -1,9 +1,6 @@
 """Adapter: rule preprocess -> kitsnet.preprocess.preprocess_case."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.io import load_json, log_to
 from kitsnet.preprocess import preprocess_case

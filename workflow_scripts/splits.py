@@ -1,9 +1,6 @@
 """Adapter: rule splits -> kitsnet.plan.make_splits (or an existing splits file)."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.io import log_to, save_json
 from kitsnet.plan import load_or_make_splits

@@ -1,9 +1,6 @@
 """Adapter: rule synth -> kitsnet.synth.make_dataset."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.io import log_to
 from kitsnet.synth import make_dataset

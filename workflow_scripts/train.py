@@ -1,9 +1,6 @@
 """Adapter: rule train -> kitsnet.train.train_fold (+ its progress plot)."""
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 import torch
 

@@ -1,9 +1,6 @@
 """Adapter: rule training_curves -> kitsnet.report.plot_training_curves."""
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.io import log_to
 from kitsnet.report import plot_training_curves

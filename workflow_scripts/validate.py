@@ -1,9 +1,6 @@
 """Adapter: rule validate_dataset -> kitsnet.dataset.validate_dataset."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # this checkout's kitsnet
 
 from kitsnet.dataset import validate_dataset
 from kitsnet.io import log_to, save_json
