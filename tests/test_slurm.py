@@ -389,3 +389,72 @@ def test_slurm_killed_job_is_retried_and_rerun_after_kill_finishes_only_missing(
     log1 = (tmp_path / "results/logs/train/2d_fold1.log").read_text()
     assert "resumed from" in log1, log1
     assert (tmp_path / "results/table1.csv").is_file()
+
+
+def test_slurm_ctrl_c_cancels_running_jobs_and_sigterm_waits_for_them(repo, slurm, tmp_path):
+    """What the README says of stopping a run: Ctrl-C (SIGINT) makes snakemake cancel its
+    running SLURM jobs (a training checkpoints on SLURM's SIGTERM); SIGTERM makes it submit
+    nothing more and wait for the running jobs to end, which then complete."""
+    import signal
+
+    run = Run(repo, tmp_path, extra_config="configurations: [2d]\n")
+    models = tmp_path / "results" / "models" / "2d"
+    alive = ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING")
+
+    def start(env: dict, name: str) -> subprocess.Popen:
+        out = open(tmp_path / name, "w")
+        return subprocess.Popen(
+            run.cmd(), cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+    def running_training(comment: str = "rule_train_"):
+        """A running training job (of one fold if ``comment`` names it) past its checkpoint."""
+        for j in run.slurm_jobs():
+            if j["comment"].startswith(comment) and j["state"] == "RUNNING":
+                fold = j["comment"].rsplit("_", 1)[1]
+                if (models / f"fold_{fold}/checkpoint_latest.pt").exists():
+                    return j
+        return None
+
+    # 1. Ctrl-C while a training runs (stopped right after its first checkpoint)
+    proc = start({**run.env, "KITSNET_FAULT": "between_epochs:epoch=0,signal=STOP"}, "int.out")
+    try:
+        job = _wait(running_training, 400, "a training after its checkpoint", proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "int.out").read_text()
+    assert "Terminating processes on user request" in out, out[-3000:]
+    # snakemake cancelled its jobs: none is left running or pending
+    _wait(lambda: not [j for j in run.slurm_jobs() if j["state"] in alive], 90, "cancellation")
+    states = {j["id"]: j["state"] for j in run.slurm_jobs()}
+    assert states[job["id"]] == "CANCELLED", states
+    fold = job["comment"].rsplit("_", 1)[1]
+    assert not (models / f"fold_{fold}/model_final.pt").exists()
+
+    # 2. SIGTERM while that training runs again (resumed): nothing more is submitted, it completes
+    proc = start(run.env, "term.out")
+    try:
+        job = _wait(lambda: running_training(job["comment"]), 400, "the resumed training", proc)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(3)  # a submission already under way when the signal came
+        submitted = len(run.submissions())
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "term.out").read_text()
+    assert "Will exit after finishing currently running jobs" in out, out[-3000:]
+    assert len(run.submissions()) == submitted, "snakemake submitted jobs after SIGTERM"
+    assert not [j for j in run.slurm_jobs() if j["state"] in alive]
+    states = {j["id"]: j["state"] for j in run.slurm_jobs()}
+    assert states[job["id"]] == "COMPLETED", states
+    fold = job["comment"].rsplit("_", 1)[1]
+    assert (models / f"fold_{fold}/model_final.pt").is_file()
+    log = (tmp_path / f"results/logs/train/2d_fold{fold}.log").read_text()
+    assert "resumed from" in log, log
+    assert not (tmp_path / "results/table1.csv").exists()
