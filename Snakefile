@@ -33,8 +33,10 @@ rule all:
     input:
         "results/table1.csv",
         "results/table1.md",
+        "results/table1_stats.csv",
         "results/scores_per_case.csv",
         "results/figures/fig1_reference.png",
         "results/figures/fig2_predictions.png",
+        "results/figures/fig3_per_case.png",
         "results/figures/training_curves.png",
         "results/compute_cost.csv",

@@ -1,5 +1,7 @@
 rule table1:
-    """Table 1: mean over all out-of-fold cases per configuration, beside the paper's values."""
+    """Table 1: mean over all out-of-fold cases per configuration, beside the paper's values,
+    with its statistics (fold SD, bootstrap interval, Wilcoxon test against the cascade) and
+    Figure 3 (per-case Dice)."""
     input:
         expand("results/scores/{config}/fold_{fold}.csv", config=CONFIGS, fold=FOLDS),
     output:
@@ -7,10 +9,20 @@ rule table1:
             "results/table1.csv", caption="report/table1.rst", category="Table 1"
         ),
         md="results/table1.md",
+        stats=report(
+            "results/table1_stats.csv",
+            caption="report/table1_stats.rst",
+            category="Table 1",
+        ),
         per_case=report(
             "results/scores_per_case.csv",
             caption="report/scores_per_case.rst",
             category="Table 1",
+        ),
+        fig3=report(
+            "results/figures/fig3_per_case.png",
+            caption="report/fig3.rst",
+            category="Figures",
         ),
     log:
         "results/logs/table1/table1.log",
@@ -19,6 +31,8 @@ rule table1:
     params:
         configs=CONFIGS,
         folds=FOLDS,
+        # the bootstrap's seed: the workflow's, so a rerun gives the same intervals
+        seed=config["seed"],
     script:
         "../workflow_scripts/table1.py"
 

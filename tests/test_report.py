@@ -1,4 +1,5 @@
-"""Tests for kitsnet.report on tiny hand-made inputs (CSV scores, logs, 8x32x32 NIfTI volumes)."""
+"""Tests for kitsnet.report and kitsnet.figures on tiny hand-made inputs (CSV scores, logs,
+8x32x32 NIfTI volumes)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kitsnet.figures import (
+    plot_predictions,
+    plot_progress,
+    plot_reference,
+    plot_training_curves,
+)
 from kitsnet.io import KitsnetError
 from kitsnet.report import (
     CONFIG_ORDER,
     METRIC_COLUMNS,
     PAPER_TABLE1,
     collate,
-    plot_predictions,
-    plot_progress,
-    plot_reference,
-    plot_training_curves,
+    paper_values,
     write_table,
 )
+from kitsnet.stats import StatsSettings, table1_stats
 
 
 def _scores(path: Path, rows: dict[str, list[float]]) -> Path:
@@ -70,20 +75,57 @@ def test_collate_means_order_and_long_format(score_files):
     assert (first["fold"], first["case"], first["metric"]) == (0, "case_00000", "dice_kidney")
 
 
+def _write(table, per_case, outs):
+    settings = StatsSettings(seed=0, n_resamples=500)
+    stats = table1_stats(per_case, paper_values(table["model"]), settings)
+    names = ("csv", "md", "per_case", "stats")
+    write_table(table, per_case, stats, settings, dict(zip(names, outs, strict=True)))
+
+
 def test_write_table_markdown_and_byte_identical(tmp_path, score_files):
     table, per_case = collate(score_files)
-    outs = [tmp_path / "out" / n for n in ("table1.csv", "table1.md", "per_case.csv")]
-    write_table(table, per_case, *outs)
+    outs = [tmp_path / "out" / n for n in ("table1.csv", "table1.md", "per_case.csv", "st.csv")]
+    _write(table, per_case, outs)
     first = [p.read_bytes() for p in outs]
-    write_table(*collate(score_files), *outs)
+    _write(*collate(score_files), outs)
     assert [p.read_bytes() for p in outs] == first
     assert b"0.900000" in first[0]  # fixed float format: (1.0 + 0.8 + 0.9) / 3
     md = outs[1].read_text()
     assert "0.9748" in md and "0.8813" in md and "0.8710" in md
     assert f"{0.9 - 0.9748:.4f}" in md  # our cascade kidney Dice minus the paper's
-    assert "| 3d_cascade_fullres | dice_kidney |" in md
+    assert "| 3d_cascade_fullres | dice_kidney | 0.9000 ± " in md  # mean ± fold SD
     assert "| 3 |" in md  # number of cases for the cascade
     assert "0.5787" in md  # every paper value is listed, e.g. the 2D tumour Surface Dice
+    assert "95% CI" in md and "p vs cascade" in md and "Paper in CI" in md
+    assert "†" not in md  # no configuration compared with another's paper row
+
+
+def test_configuration_without_a_paper_row_is_listed_after_the_papers(tmp_path, score_files):
+    """3d_cascade_roi is compared with the paper's cascade (footnoted); the paper's four rows
+    come first whatever order the files arrive in."""
+    roi = {
+        ("3d_cascade_roi", k): _scores(
+            tmp_path / "scores" / "roi" / f"fold_{k}.csv", {f"case_0000{k}": [0.7] * 6}
+        )
+        for k in range(3)
+    }
+    table, per_case = collate({**roi, **score_files})
+    assert list(table["model"]) == ["2d", "3d_cascade_fullres", "3d_cascade_roi"]
+    assert list(per_case["model"].unique()) == list(table["model"])
+    outs = [tmp_path / "out" / n for n in ("t.csv", "t.md", "pc.csv", "st.csv")]
+    _write(table, per_case, outs)
+    md = outs[1].read_text()
+    assert "| 3d_cascade_roi | dice_kidney | 0.7000 ± 0.0000 | [0.7000, 0.7000] | 0.9748 † |" in md
+    assert "† `3d_cascade_roi`: the paper's value is its 3D Cascade row" in md
+    stats = pd.read_csv(outs[3])
+    roi_kidney = stats.set_index(["model", "metric"]).loc[("3d_cascade_roi", "dice_kidney")]
+    assert roi_kidney["paper"] == 0.9748 and not roi_kidney["paper_in_ci"]
+
+
+def test_unknown_configuration_is_an_error(tmp_path):
+    path = _scores(tmp_path / "s.csv", {"case_00000": [1.0] * 6})
+    with pytest.raises(KitsnetError, match="unknown configuration '3d'"):
+        collate({("3d", 0): path})
 
 
 def test_paper_table_has_every_config_and_metric():

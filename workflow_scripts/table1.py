@@ -1,10 +1,13 @@
-"""Adapter: rule table1 -> kitsnet.report.collate / write_table."""
+"""Adapter: rule table1 -> kitsnet.report.collate / write_table, kitsnet.stats.table1_stats,
+kitsnet.figures.plot_per_case."""
 
 from itertools import product
 from pathlib import Path
 
+from kitsnet.figures import plot_per_case
 from kitsnet.io import log_to
-from kitsnet.report import collate, write_table
+from kitsnet.report import collate, paper_values, write_table
+from kitsnet.stats import StatsSettings, table1_stats
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
@@ -13,6 +16,12 @@ with log_to(snakemake.log[0]):
     assert len(keys) == len(snakemake.input), "score files out of sync with the params"
     files = dict(zip(keys, map(Path, snakemake.input), strict=True))
     table, per_case = collate(files)
+    paper = paper_values(table["model"])
+    settings = StatsSettings(seed=int(p.seed))
+    stats = table1_stats(per_case, paper, settings)
     o = snakemake.output
-    write_table(table, per_case, o.csv, o.md, o.per_case)
+    outputs = {k: Path(getattr(o, k)) for k in ("csv", "md", "stats", "per_case")}
+    write_table(table, per_case, stats, settings, outputs)
+    plot_per_case(per_case, paper, Path(o.fig3))
     print(table.to_string())
+    print(stats.to_string())

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
+from kitsnet.figures import plot_progress
 from kitsnet.io import load_json, log_to
-from kitsnet.report import plot_progress
 from kitsnet.train import train_fold
 
 with log_to(snakemake.log[0]):

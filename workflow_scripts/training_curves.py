@@ -1,9 +1,9 @@
-"""Adapter: rule training_curves -> kitsnet.report.plot_training_curves."""
+"""Adapter: rule training_curves -> kitsnet.figures.plot_training_curves."""
 
 from pathlib import Path
 
+from kitsnet.figures import plot_training_curves
 from kitsnet.io import log_to
-from kitsnet.report import plot_training_curves
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
