@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = (
-    "preprocess", "export", "sliding_window", "augment", "evaluate", "memory", "train_input"
+    "preprocess", "export", "sliding_window", "augment", "evaluate", "memory", "train_input",
+    "cascade_roi",
 )
 TREE_SAMPLE_S = 0.05
 TREE_MEMORY_MEANS = (

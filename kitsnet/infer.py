@@ -1,20 +1,18 @@
-"""Sliding-window inference, export back to the original grid, and the cascade's next stage.
+"""Inference of a fold or an ensemble: predict, export back to the original grid, and the
+cascade's next stage (and, for a ROI configuration, paste the boxes back first).
 
-Sliding window as nnU-Net: tiles at a step of ``step`` x patch, a Gaussian importance map
-(sigma = ``sigma_scale`` x patch) so tile borders weigh little, optional mirroring test-time
-augmentation over all spatial axes.  Logits stay float32 (never float64) and are resampled to
-the original grid one channel at a time so a 1059 x 512 x 796 case stays within host memory.
+The sliding window itself is :mod:`kitsnet.sliding_window` (re-exported here).  Logits stay
+float32 (never float64) and are resampled to the original grid one channel at a time so a
+1059 x 512 x 796 case stays within host memory.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 
 from .checkpoint import load_checkpoint
 from .io import load_json, save_volume
@@ -22,140 +20,23 @@ from .loader import find_previous_stage
 from .network import build_network
 from .preprocess import grid_spacing
 from .resample import resample_argmax
+from .roi import Box, load_manifest, paste_logits, region_boxes
+from .sliding_window import compute_steps, gaussian_importance, sliding_window
 
-
-def compute_steps(image_size: list[int], patch: list[int], step: float) -> list[list[int]]:
-    """Tile starts per axis: as few tiles as needed for a step of at most ``step`` x patch,
-    spread evenly so the first tile starts at 0 and the last ends at the border."""
-    steps = []
-    for im, pa in zip(image_size, patch, strict=True):
-        target = pa * step
-        n = int(np.ceil((im - pa) / target)) + 1 if im > pa else 1
-        actual = (im - pa) / (n - 1) if n > 1 else 0
-        steps.append([int(np.round(actual * i)) for i in range(n)])
-    return steps
-
-
-def gaussian_importance(patch: list[int], sigma_scale: float = 0.125) -> np.ndarray:
-    """Gaussian weights centred on the patch, max 1, with no zeros (so every voxel counts)."""
-    tmp = np.zeros(patch, dtype=np.float32)
-    tmp[tuple(p // 2 for p in patch)] = 1
-    g = gaussian_filter(tmp, [p * sigma_scale for p in patch], mode="constant", cval=0)
-    g = (g / g.max()).astype(np.float32)
-    g[g == 0] = g[g > 0].min()
-    return g
-
-
-def _mirror_sets(dim: int, axes: list[int] | None) -> list[tuple[int, ...]]:
-    """Every subset of the mirror axes (the empty one, i.e. no flip, first), as nnU-Net."""
-    axes = list(range(dim)) if axes is None else axes
-    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
-
-
-def _mirrored_batch(x: torch.Tensor, flips: list[tuple[int, ...]]) -> torch.Tensor:
-    """(B, C, *P) tiles -> (len(flips) * B, C, *P): every tile under every flip, flip-major.
-
-    One forward pass over the whole stack instead of one per flip: on the CPU a batch of 8+
-    samples keeps every convolution on oneDNN (PyTorch falls back to its much slower im2col
-    ``slow_conv3d`` for batch-1 inputs with few channels, i.e. most layers below the first),
-    and per-layer overheads are paid once per stack instead of once per flip.
-    """
-    if len(flips) == 1 and not flips[0]:
-        return x
-    return torch.cat([torch.flip(x, [a + 2 for a in f]) if f else x for f in flips])
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, D, H, W) -> the same values with channels-last strides, whatever C is.
-
-    ``x.contiguous(memory_format=torch.channels_last_3d)`` is a no-op for a one-channel input
-    (its default strides already count as channels-last) and the convolution would then keep the
-    default layout; a copy into an explicitly channels-last buffer always gives channels-last
-    strides, so the first convolution, and every layer after it, runs channels-last.
-    """
-    n, c, *spatial = x.shape
-    out = torch.empty((n, *spatial, c), dtype=x.dtype, device=x.device)
-    return out.permute(0, 4, 1, 2, 3).copy_(x)
-
-
-def _unmirror_sum(out: torch.Tensor, flips: list[tuple[int, ...]], acc: torch.Tensor) -> None:
-    """Add the (len(flips) * B, K, *P) outputs, each flipped back, into ``acc`` (B, K, *P)."""
-    for f, o in zip(flips, out.unflatten(0, (len(flips), -1)), strict=True):
-        acc.add_(torch.flip(o, [a + 2 for a in f]) if f else o)
-
-
-def _normalisation(
-    starts: list[tuple[int, ...]], patch: list[int], weight: torch.Tensor, size: tuple[int, ...]
-) -> torch.Tensor:
-    """Sum of the tiles' Gaussian weights at every voxel (the denominator), computed once."""
-    norm = torch.zeros(size, dtype=torch.float32, device=weight.device)
-    for st in starts:
-        norm[tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True))] += weight
-    return norm
-
-
-@torch.inference_mode()
-def sliding_window(
-    networks: list[torch.nn.Module],
-    image: np.ndarray,
-    patch: list[int],
-    num_classes: int,
-    step: float = 0.5,
-    sigma_scale: float = 0.125,
-    mirror: bool = True,
-    mirror_axes: list[int] | None = None,
-    device: torch.device | str = "cpu",
-    tile_batch: int = 1,
-) -> np.ndarray:
-    """Average logits of ``networks`` over tiles (and mirrors) -> (num_classes, *S) float32.
-
-    ``image`` is (C, *S) with len(patch) spatial dims.  The volume is padded to at least the
-    patch size and the padding removed again.  Each forward pass gets ``tile_batch`` tiles
-    under every mirroring at once (``tile_batch`` x 8 samples for 3D with mirroring), which is
-    what makes it fast on the CPU (see :func:`_mirrored_batch`) and peak activation memory
-    grows with it.  Float32 throughout: the Gaussian-weighted sum of the tiles and the sum of
-    the weights (computed once, not per tile), divided at the end.  3D on the CPU runs the
-    networks on channels-last activations (faster convolutions; same logits to float32
-    rounding), the networks themselves untouched.
-    """
-    dev = torch.device(device)
-    dim = len(patch)
-    spatial = image.shape[1:]
-    pad = [max(p - s, 0) for p, s in zip(patch, spatial, strict=True)]
-    pads = [(p // 2, p - p // 2) for p in pad]
-    data = np.pad(image, [(0, 0), *pads], mode="constant") if any(pad) else image
-    size = tuple(data.shape[1:])
-    x_all = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(dev)
-    flips = _mirror_sets(dim, mirror_axes) if mirror else [()]
-    starts = list(itertools.product(*compute_steps(list(size), patch, step)))
-    weight = torch.from_numpy(gaussian_importance(patch, sigma_scale)).to(dev)
-    norm = _normalisation(starts, patch, weight, size)
-    # the average over networks and flips folded into the tile weight: one multiply per tile
-    tile_weight = weight / (len(networks) * len(flips))
-    # 3D on the CPU: channels-last activations (only the input is converted; the weights keep
-    # their layout and the networks are not modified).  oneDNN's channels-last 3D convolutions
-    # are ~1.8x faster there, and kitsnet's InstanceNorm3d keeps channels-last inputs in their
-    # layout (see kitsnet.network.InstanceNorm3d).  GPUs and 2D: unchanged.
-    channels_last = dev.type == "cpu" and dim == 3
-    logits = torch.zeros((num_classes, *size), dtype=torch.float32, device=dev)
-    for b in range(0, len(starts), tile_batch):
-        chunk = starts[b : b + tile_batch]
-        sl = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in chunk]
-        x = _mirrored_batch(torch.stack([x_all[(slice(None), *s)] for s in sl]), flips)
-        if channels_last:
-            x = _channels_last(x)
-        pred = torch.zeros((len(chunk), num_classes, *patch), dtype=torch.float32, device=dev)
-        for net in networks:
-            # bf16 autocast on a GPU (as training); the sums stay float32.  CPU: float32.
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                out = net(x)
-            _unmirror_sum(out.float().contiguous(), flips, pred)
-        pred.mul_(tile_weight)
-        for s, p in zip(sl, pred, strict=True):
-            logits[(slice(None), *s)] += p
-    logits /= norm
-    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, spatial, strict=True))
-    return logits[(slice(None), *crop)].cpu().numpy()
+__all__ = [
+    "compute_steps",
+    "gaussian_importance",
+    "load_models",
+    "logits_to_next_stage",
+    "logits_to_original",
+    "predict_cropped_case",
+    "predict_fold",
+    "predict_images",
+    "predict_volume",
+    "sliding_window",
+    "with_previous_stage",
+    "write_prediction",
+]
 
 
 def predict_volume(
@@ -236,6 +117,37 @@ def write_prediction(seg: np.ndarray, geometry: dict, out_path: str | Path) -> N
     )
 
 
+def with_previous_stage(image: np.ndarray, prev: np.ndarray, num_classes: int) -> np.ndarray:
+    """The cascade's input: the image channels and the previous stage's labels 1..K-1 one-hot
+    (float32), as the network of a configuration with a previous stage takes them."""
+    onehot = np.stack([prev == k for k in range(1, num_classes)]).astype(np.float32)
+    return np.concatenate([image, onehot])
+
+
+def predict_cropped_case(
+    networks: list[torch.nn.Module],
+    plan: dict,
+    inference: dict,
+    case_dir: Path,
+    device: torch.device | str = "cpu",
+    log=print,
+) -> tuple[np.ndarray, dict]:
+    """A cropped case (:mod:`kitsnet.roi`): the sliding window on each of its boxes, with that
+    box's previous stage, pasted onto the whole fullres grid (background outside the boxes).
+    Returns those logits and the manifest, which holds the geometry export needs."""
+    manifest = load_manifest(case_dir)
+    if manifest["fallback"]:
+        log(f"{manifest['case']}: the first stage found nothing; predicting the whole volume")
+    parts = []
+    for item in manifest["items"]:
+        image = np.load(case_dir / f"{item}_image.npy")
+        prev = np.load(case_dir / f"{item}_prev.npy")
+        image = with_previous_stage(image, prev, plan["num_classes"])
+        parts.append(predict_volume(networks, image, plan, inference, device))
+    boxes = [Box.from_json(b) for b in manifest["boxes"]]
+    return paste_logits(parts, boxes, manifest["shape"]), manifest
+
+
 def predict_fold(
     model_path: str | Path,
     cases: list[str],
@@ -259,13 +171,18 @@ def predict_fold(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for case in cases:
-        image = np.load(data_dir / f"{case}_image.npy")
-        geometry = load_json(data_dir / f"{case}.json")
-        if prev_dirs:
-            prev = np.load(find_previous_stage(case, prev_dirs))
-            onehot = np.stack([prev == k for k in range(1, plan["num_classes"])])
-            image = np.concatenate([image, onehot.astype(np.float32)])
-        logits = predict_volume(nets, image, plan, inference, dev)
+        if plan.get("roi"):
+            logits, geometry = predict_cropped_case(
+                nets, plan, inference, data_dir / case, dev, log
+            )
+        else:
+            image = np.load(data_dir / f"{case}_image.npy")
+            geometry = load_json(data_dir / f"{case}.json")
+            if prev_dirs:
+                image = with_previous_stage(
+                    image, np.load(find_previous_stage(case, prev_dirs)), plan["num_classes"]
+                )
+            logits = predict_volume(nets, image, plan, inference, dev)
         write_prediction(
             logits_to_original(logits, geometry, plan), geometry, out_dir / f"{case}.nii.gz"
         )
@@ -302,8 +219,9 @@ def predict_images(
     device: str = "auto",
     inference: dict | None = None,
 ) -> list[Path]:
-    """Segment new CT scans with the 5-fold ensemble of a configuration (cascade included:
-    the lowres ensemble runs first and its segmentation becomes the extra input channels)."""
+    """Segment new CT scans with the 5-fold ensemble of a configuration (cascades included:
+    the lowres ensemble runs first and its segmentation becomes the extra input channels; a ROI
+    configuration predicts only the region that segmentation defines)."""
     from .device import pick_device
     from .io import KitsnetError, load_volume
     from .preprocess import geometry_of, preprocess_image
@@ -332,7 +250,9 @@ def predict_images(
     for name, path in files:
         vol = load_volume(path, name)
         image = preprocess_image(np.asarray(vol.array), vol.spacing, plan)
-        if prev is not None:
+        if prev is None:
+            logits = predict_volume(nets, image, plan, inf, dev)
+        else:
             prev_nets, prev_plan = prev
             low = preprocess_image(np.asarray(vol.array), vol.spacing, prev_plan)
             seg = logits_to_next_stage(
@@ -341,11 +261,30 @@ def predict_images(
                 prev_plan,
                 prev_plan["spacing"],
             )
-            onehot = np.stack([seg == k for k in range(1, plan["num_classes"])])
-            image = np.concatenate([image, onehot.astype(np.float32)])
-        logits = predict_volume(nets, image, plan, inf, dev)
+            logits = _second_stage(nets, plan, inf, image, seg, name, dev)
         geometry = geometry_of(vol, name)
         out = Path(out_dir) / f"{name}.nii.gz"
         write_prediction(logits_to_original(logits, geometry, plan), geometry, out)
         written.append(out)
     return written
+
+
+def _second_stage(nets, plan, inference, image, prev, name, device) -> np.ndarray:
+    """A cascade's fullres logits of a new scan from its first-stage labels ``prev``: the
+    whole volume (3d_cascade_fullres), or the region the first stage found (a ROI plan:
+    cropped, predicted and pasted back as :func:`predict_cropped_case` does)."""
+    n = plan["num_classes"]
+    if not plan.get("roi"):
+        return predict_volume(nets, with_previous_stage(image, prev, n), plan, inference, device)
+    boxes, _ = region_boxes(prev, plan["spacing"], plan["roi"], name)
+    parts = [
+        predict_volume(
+            nets,
+            with_previous_stage(image[(slice(None), *b.slices)], prev[b.slices], n),
+            plan,
+            inference,
+            device,
+        )
+        for b in boxes
+    ]
+    return paste_logits(parts, boxes, image.shape[1:])

@@ -8,7 +8,9 @@ side (``need``, rounded up), so the final patches' centres cover ``[p/2, S - p/2
 axis: the borders are trained as often as nnU-Net trains them.  An axis shorter than the region
 is padded on both sides.  Foreground-forced regions are centred on a random voxel of a random
 class present in the case and only clipped at the lower bound, as in nnU-Net.  2D plans take
-one slice along axis 0 (a random one, or one through the chosen foreground voxel).
+one slice along axis 0 (a random one, or one through the chosen foreground voxel).  A ROI
+configuration's cases are folders of boxes (:mod:`kitsnet.roi`): a case is drawn, then one of
+its boxes, and the box is sampled from as a case is (padded where it is smaller than the region).
 """
 
 from __future__ import annotations
@@ -19,29 +21,65 @@ from pathlib import Path
 import numpy as np
 
 from .io import KitsnetError, load_json
+from .roi import ITEM_FILES, MANIFEST, case_items
 
 CASE_FILES = ("_image.npy", "_seg.npy", ".json")
 
 
 class CaseStore:
-    """Memory-mapped preprocessed cases (+ optional previous-stage segmentations)."""
+    """Memory-mapped preprocessed cases (+ optional previous-stage segmentations).
 
-    def __init__(self, cases: list[str], data_dir: Path, prev_dirs: list[Path] | None = None):
-        self.cases = list(cases)
-        self.image = {c: np.load(data_dir / f"{c}_image.npy", mmap_mode="r") for c in cases}
-        self.seg = {c: np.load(data_dir / f"{c}_seg.npy", mmap_mode="r") for c in cases}
+    ``cropped`` (a ROI configuration, :mod:`kitsnet.roi`): every case is a folder of boxes, and
+    the arrays are those of its items ``<case>/box<k>``, each with its own cropped previous
+    stage; ``groups`` lists each case's items (see :meth:`PatchSampler.draw_case`).
+    """
+
+    def __init__(
+        self,
+        cases: list[str],
+        data_dir: Path,
+        prev_dirs: list[Path] | None = None,
+        cropped: bool = False,
+    ):
+        self.groups = [case_items(data_dir, c) for c in cases] if cropped else None
+        items = [i for g in self.groups for i in g] if self.groups else list(cases)
+        self.cases = items
+        self.image = {c: np.load(data_dir / f"{c}_image.npy", mmap_mode="r") for c in items}
+        self.seg = {c: np.load(data_dir / f"{c}_seg.npy", mmap_mode="r") for c in items}
         self.locs = {
             c: {
                 int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
                 for k, v in load_json(data_dir / f"{c}.json")["class_locations"].items()
             }
-            for c in cases
+            for c in items
         }
         self.prev = None
-        if prev_dirs:
+        if cropped:
+            self.prev = {c: np.load(data_dir / f"{c}_prev.npy", mmap_mode="r") for c in items}
+        elif prev_dirs:
             self.prev = {
-                c: np.load(find_previous_stage(c, prev_dirs), mmap_mode="r") for c in cases
+                c: np.load(find_previous_stage(c, prev_dirs), mmap_mode="r") for c in items
             }
+
+
+def input_files(
+    cases: list[str],
+    data_dir: Path,
+    prev_dirs: list[Path] | None = None,
+    cropped: bool = False,
+) -> list[Path]:
+    """Every file training reads for ``cases`` (what a checkpoint's fingerprint covers)."""
+    if cropped:
+        return [
+            data_dir / f"{item}{x}"
+            for c in cases
+            for item in case_items(data_dir, c)
+            for x in ITEM_FILES
+        ] + [data_dir / c / MANIFEST for c in cases]
+    files = [data_dir / f"{c}{x}" for c in cases for x in CASE_FILES]
+    if prev_dirs:
+        files += [find_previous_stage(c, prev_dirs) for c in cases]
+    return files
 
 
 def find_previous_stage(case: str, prev_dirs: list[str | Path]) -> Path:
@@ -162,6 +200,16 @@ class PatchSampler:
         self.patch = [1, *patch] if dim == 2 else list(patch)
         self.oversample, self.rng = oversample, rng
 
+    def draw_case(self) -> str:
+        """A random case.  Cropped cases (``store.groups``): a random case, then one of its
+        boxes, so a case counts as much as in uncropped training whatever its number of boxes
+        (a two-kidney case is not drawn twice as often as a one-kidney case)."""
+        groups = getattr(self.store, "groups", None)  # stores are duck-typed (tests)
+        if not groups:
+            return self.store.cases[self.rng.integers(len(self.store.cases))]
+        group = groups[self.rng.integers(len(groups))]
+        return group[self.rng.integers(len(group))]
+
     def box(self, case: str, force_fg: bool) -> np.ndarray:
         """The start of one region in ``case`` (may be negative or run past the image)."""
         shape = self.store.seg[case].shape
@@ -183,7 +231,7 @@ class PatchSampler:
         n_forced_from = round(batch_size * (1 - self.oversample))
         boxes = []
         for i in range(batch_size):
-            case = self.store.cases[self.rng.integers(len(self.store.cases))]
+            case = self.draw_case()
             boxes.append((case, self.box(case, force_fg=i >= n_forced_from)))
         size = tuple(self.region)
         n_img = self.store.image[boxes[0][0]].shape[0]

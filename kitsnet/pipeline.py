@@ -114,6 +114,8 @@ class InputPipeline:
         self.region = region_size(self.patch, augmentation, self.dim)
         self.batch = int(plan["batch_size"])
         self.n_prev = plan["num_classes"] - 1 if plan.get("previous_stage") else 0
+        # a ROI configuration trains on the crops of its cases (kitsnet.roi)
+        self.cropped = bool(plan.get("roi"))
         self.oversample = float(training["oversample_foreground"])
         self.augmentation = augmentation
         self.aug = augment_settings(augmentation, self.dim)
@@ -131,7 +133,7 @@ class InputPipeline:
     def store(self, kind: str) -> CaseStore:
         if self._stores is None:
             self._stores = {
-                k: CaseStore(cases, self.data_dir, self.prev_dirs)
+                k: CaseStore(cases, self.data_dir, self.prev_dirs, self.cropped)
                 for k, cases in self.cases.items()
             }
         return self._stores[kind]

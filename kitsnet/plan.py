@@ -15,18 +15,24 @@ import numpy as np
 from .io import KitsnetError, load_volume
 from .topology import Topology, batch_size_for, fit_patch, pool_and_conv_props
 
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_cascade_roi")
 NUM_CLASSES = 4  # background, kidney, tumor, cyst
 # Which preprocessed data each configuration trains on.  The cascade reuses the fullres arrays
 # as nnU-Net does; 2D has its own (in-plane at the fullres spacing, each case keeping its slice
 # spacing), so each case is preprocessed once per data kind, not per configuration.
+# 3d_cascade_roi is on the fullres grid too, but trains on crops of those arrays
+# (ROI_CONFIGURATIONS, kitsnet.roi), which its own per-case step writes.
 DATA_OF = {
     "2d": "2d",
     "3d_fullres": "3d_fullres",
     "3d_lowres": "3d_lowres",
     "3d_cascade_fullres": "3d_fullres",
+    "3d_cascade_roi": "3d_fullres",
 }
-PREVIOUS_STAGE = {"3d_cascade_fullres": "3d_lowres"}
+PREVIOUS_STAGE = {"3d_cascade_fullres": "3d_lowres", "3d_cascade_roi": "3d_lowres"}
+# configurations whose cases are cropped to the previous stage's region of interest
+ROI_CONFIGURATIONS = ("3d_cascade_roi",)
+ROI_DEFAULTS = {"margin_mm": 20.0, "boxes": "single"}
 
 
 def fingerprint(
@@ -199,6 +205,7 @@ def make_plan(configuration: str, fp: dict, cfg: dict) -> dict:
         )
     batch_dice = pc.get("batch_dice", "auto")
     prev = PREVIOUS_STAGE.get(configuration)
+    extra = {"roi": roi_settings(pc)} if configuration in ROI_CONFIGURATIONS else {}
     return {
         "configuration": configuration,
         "data": DATA_OF[configuration],
@@ -228,7 +235,26 @@ def make_plan(configuration: str, fp: dict, cfg: dict) -> dict:
             "n_conv_per_stage_decoder": int(pc.get("n_conv_per_stage_decoder", 2)),
             "deep_supervision": bool(pc.get("deep_supervision", True)),
         },
+        **extra,
     }
+
+
+def roi_settings(pc: dict) -> dict:
+    """The region of interest of a ROI configuration (:mod:`kitsnet.roi`) from the config's
+    ``plan`` section: ``roi_margin_mm`` around the first stage's foreground, ``roi_boxes``
+    ``single`` (one box around both kidneys) or ``per_kidney``."""
+    from .roi import MODES
+
+    roi = {
+        "margin_mm": float(pc.get("roi_margin_mm", ROI_DEFAULTS["margin_mm"])),
+        "boxes": str(pc.get("roi_boxes", ROI_DEFAULTS["boxes"])),
+    }
+    if roi["margin_mm"] < 0 or roi["boxes"] not in MODES:
+        raise KitsnetError(
+            f"plan: roi_margin_mm must be >= 0 and roi_boxes one of {MODES}, got "
+            f"{roi['margin_mm']} and {roi['boxes']!r}"
+        )
+    return roi
 
 
 def make_splits(cases: list[str], n_folds: int = 5, seed: int = 12345) -> list[dict]:

@@ -34,7 +34,7 @@ from .checkpoint import (
 )
 from .device import amp_dtype, configure_backends, pick_device
 from .io import atomic_path, remove_stale_temporaries
-from .loader import CASE_FILES, find_previous_stage
+from .loader import find_previous_stage, input_files
 from .loss import deep_supervision_weights, total_loss
 from .network import build_network
 from .pipeline import InputPipeline, batches, default_workers, epoch_keys
@@ -272,9 +272,7 @@ def train_fold(
     split = splits[fold]
     prev = [Path(d) for d in prev_dirs] if prev_dirs else None
     state = _State(plan, training, seed, fold, dev)
-    inputs = [data_dir / f"{c}{x}" for c in split["train"] + split["val"] for x in CASE_FILES]
-    if prev:
-        inputs += [find_previous_stage(c, prev) for c in split["train"] + split["val"]]
+    inputs = input_files(split["train"] + split["val"], data_dir, prev, bool(plan.get("roi")))
     fingerprint = settings_fingerprint(plan, split, fold, seed, training, augmentation, inputs)
     for name in ("model_final.pt", "model_best.pt", "training_log.csv"):
         remove_stale_temporaries(out_dir / name)  # left by a killed run

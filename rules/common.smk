@@ -175,7 +175,8 @@ def preprocessed_files(data):
 
 def training_inputs(wildcards):
     """What a (configuration, fold) needs: its plan, the splits, the preprocessed cases and,
-    for the cascade, the previous stage's out-of-fold segmentations from all its folds.
+    for the cascade, the previous stage's out-of-fold segmentations from all its folds.  A ROI
+    configuration reads its cropped cases instead, which hold their previous stage.
     """
     if int(wildcards.fold) not in FOLDS:
         raise WorkflowError(
@@ -187,6 +188,9 @@ def training_inputs(wildcards):
         "splits": "results/dataset/splits.json",
         "data": preprocessed_files(DATA_OF[wildcards.config]),
     }
+    if wildcards.config in ROI_CONFIGURATIONS:
+        inputs["data"] = cropped_case_dirs(wildcards.config)
+        return inputs
     prev = PREVIOUS_STAGE.get(wildcards.config)
     if prev:
         inputs["prev"] = expand(
@@ -263,3 +267,30 @@ def prediction_inputs(wildcards):
         + config["inference"]["checkpoint"]
     )
     return inputs
+
+
+# The ROI configurations (kitsnet.roi): the fullres cases cropped to the region the previous
+# stage found, one folder per case (one item per box) written by rule crop_roi.
+from kitsnet.plan import ROI_CONFIGURATIONS
+
+
+def cropped_case_dirs(config_name):
+    return expand(
+        "results/preprocessed/{config}/{case}", config=config_name, case=CASES
+    )
+
+
+def crop_roi_inputs(wildcards):
+    """What cropping one case needs: the plan (its roi settings), the case's arrays on the
+    grid it is cropped from, and the previous stage's out-of-fold segmentations of all folds
+    (which fold predicted the case is only known from splits.json, when the job runs).
+    """
+    data = f"results/preprocessed/{DATA_OF[wildcards.config]}/{wildcards.case}"
+    prev = PREVIOUS_STAGE[wildcards.config]
+    return {
+        "plan": f"results/plans/{wildcards.config}.json",
+        "image": f"{data}_image.npy",
+        "seg": f"{data}_seg.npy",
+        "props": f"{data}.json",
+        "prev": expand("results/next_stage/{prev}/fold_{fold}", prev=prev, fold=FOLDS),
+    }

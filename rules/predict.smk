@@ -38,7 +38,7 @@ rule predict:
     benchmark:
         "results/benchmarks/predict/{config}_fold{fold}.tsv"
     wildcard_constraints:
-        config="2d|3d_fullres|3d_cascade_fullres",
+        config="2d|3d_fullres|3d_cascade_fullres|3d_cascade_roi",
     conda:
         "../envs/torch.yaml"
     threads: threads_for_training()

@@ -19,3 +19,26 @@ rule preprocess:
         runtime=step_resource("preprocess", "runtime", 30),
     script:
         "../workflow_scripts/preprocess.py"
+
+
+rule crop_roi:
+    """Crop one case's fullres arrays and its previous-stage segmentation to the region of
+    interest the previous stage found (kitsnet.roi): a ROI configuration's cases, one item
+    per box."""
+    input:
+        unpack(crop_roi_inputs),
+    output:
+        intermediate(directory("results/preprocessed/{config}/{case}")),
+    log:
+        "results/logs/crop_roi/{config}_{case}.log",
+    benchmark:
+        "results/benchmarks/crop_roi/{config}_{case}.tsv"
+    wildcard_constraints:
+        config="|".join(ROI_CONFIGURATIONS),
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        mem_mb=step_resource("preprocess", "mem_mb", 4000),
+        runtime=step_resource("preprocess", "runtime", 30),
+    script:
+        "../workflow_scripts/crop_roi.py"

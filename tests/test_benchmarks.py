@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-QUICK = ["preprocess", "export", "sliding_window", "augment", "evaluate", "memory"]
+QUICK = ["preprocess", "export", "sliding_window", "augment", "evaluate", "memory", "cascade_roi"]
 FIELDS = {"name", "kitsnet_s", "peer_s", "ratio", "runs", "kitsnet_peak_mb", "peer_peak_mb"}
 HAS_PEER = importlib.util.find_spec("nnunetv2") is not None
 
@@ -68,3 +68,17 @@ def test_memory_benchmark_has_no_peer_and_reports_against_its_limit(quick_run):
     e = {e["name"]: e for e in quick_run[0]["benchmarks"]}["memory"]
     assert e["peer_s"] is None and e["ratio"] is None
     assert e["limit_mb"] == 16 * 1024
+
+
+def test_cascade_roi_reports_the_time_and_storage_ratios_of_the_crop(quick_run):
+    """The fullres stage on the first stage's box vs the whole volume, through predict_fold on
+    both sides: the time ratio in the table, the storage ratio printed and in the JSON."""
+    result, stdout = quick_run
+    e = {e["name"]: e for e in result["benchmarks"]}["cascade_roi"]
+    if e.get("skipped"):
+        pytest.skip(e["skipped"])
+    assert e["peer_s"] > 0 and e["ratio"] == pytest.approx(e["peer_s"] / e["kitsnet_s"])
+    assert e["ratio"] > 1  # fewer tiles, even on the quick grid
+    assert e["voxel_ratio"] > 1 and e["storage_ratio"] > 1
+    assert e["storage_ratio_with_previous_stage"] > e["storage_ratio"]
+    assert "cascade_roi:" in stdout and "storage" in stdout

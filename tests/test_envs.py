@@ -21,7 +21,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11")
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
-HEAVY = {"train", "predict", "predict_lowres", "preprocess", "evaluate", "fingerprint"}
+HEAVY = {"train", "predict", "predict_lowres", "preprocess", "crop_roi", "evaluate", "fingerprint"}
 
 
 def _rules() -> dict[str, str]:
@@ -150,7 +150,11 @@ def test_slurm_profile_is_commented_sets_the_paper_preset_and_batches_preprocess
     assert profile["retries"] >= 1 and profile["jobs"] >= 20
     # GPU counts come from the rules' resources only, not from the profile
     assert not any("gpu" in r for r in profile.get("set-resources", {}).values())
-    assert profile["groups"] == ["preprocess=preprocessing"]
+    assert profile["groups"] == [
+        "preprocess=preprocessing",
+        "crop_roi=roi_crops",
+        "evaluate=evaluation",
+    ]
     assert "gpu_model" in text  # left for the user, commented
 
 

@@ -74,6 +74,12 @@ def test_fingerprint_and_plans_of_tiny_dataset(tiny_kits, repo):
     assert plans["3d_lowres"]["spacing"] == [1.99] * 3
     assert plans["3d_cascade_fullres"]["in_channels"] == 4
     assert plans["3d_cascade_fullres"]["data"] == "3d_fullres"
+    # the ROI cascade: the cascade's plan (fullres patch, network, one-hot previous stage) plus
+    # the region's settings
+    roi = plans["3d_cascade_roi"]
+    assert roi.pop("roi") == {"margin_mm": 20.0, "boxes": "single"}
+    assert roi.pop("configuration") == "3d_cascade_roi"
+    assert roi == {k: v for k, v in plans["3d_cascade_fullres"].items() if k != "configuration"}
     two = plans["2d"]
     assert two["arch"]["dim"] == 2 and two["batch_size"] == 12 and two["data"] == "2d"
     assert two["spacing"] == [0.78125] * 2  # in-plane; each case keeps its slice spacing
@@ -84,6 +90,7 @@ def test_fingerprint_and_plans_of_tiny_dataset(tiny_kits, repo):
         "3d_fullres": True,
         "3d_lowres": False,
         "3d_cascade_fullres": True,
+        "3d_cascade_roi": True,
     }
 
 
@@ -129,3 +136,20 @@ def test_thick_slices_are_not_pooled_until_in_plane_catches_up():
     assert topo.strides[:4] == [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2]]
     assert topo.kernel_sizes[:3] == [[1, 3, 3], [1, 3, 3], [3, 3, 3]]
     assert topo.kernel_sizes[-1] == [3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [({"roi_margin_mm": -1.0}, "roi_margin_mm"), ({"roi_boxes": "per_organ"}, "roi_boxes")],
+)
+def test_roi_settings_come_from_the_plan_section_and_bad_ones_are_named(repo, settings, error):
+    cfg = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    cfg["plan"].update(roi_margin_mm=12.5, roi_boxes="per_kidney")
+    assert make_plan("3d_cascade_roi", _fp(), cfg)["roi"] == {
+        "margin_mm": 12.5,
+        "boxes": "per_kidney",
+    }
+    assert "roi" not in make_plan("3d_cascade_fullres", _fp(), cfg)
+    cfg["plan"].update(settings)
+    with pytest.raises(KitsnetError, match=error):
+        make_plan("3d_cascade_roi", _fp(), cfg)

@@ -2,7 +2,7 @@
 
 A single-node cluster (Debian's slurm-wlm and munge, fake GPUs) is started by
 tests/slurm/start_slurm.sh for this module and stopped at its end.  The profile test runs
-the micro demo (tests/data/micro.yaml: 6 tiny cases, 4 configurations x 5 folds) with
+the micro demo (tests/data/micro.yaml: 6 tiny cases, 5 configurations x 5 folds) with
 ``snakemake --profile slurm``; the kill/retry test a smaller one (4 cases, 2 folds, 2d only).
 The overrides of the profile: the demo preset instead of the paper's (``--config
 preset=demo``), and what this test cluster needs: the partition (through
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_cascade_roi"]
 PARTITION = "debug"
 SLURM_BASE = "/tmp/kitsnet-slurm-tests"
 # the kill/retry test shrinks the micro demo further: fewer cases and folds
 SMALL = "synthetic: {cases: 4, seed: 3}\nfolds: 2\n"
-FOLDS = range(5)  # the profile test runs the micro demo as it is: 4 configurations x 5 folds
+FOLDS = range(5)  # the profile test runs the micro demo as it is: 5 configurations x 5 folds
 LOCAL_RULES = ("plan", "splits", "table1", "training_curves", "compute_cost")
 
 pytestmark = pytest.mark.workflow
@@ -199,25 +199,30 @@ def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_p
         by_rule.setdefault(rule, []).append(s)
     train = {s["comment"]: s for s in by_rule["train"]}
     assert set(train) == {_train_comment(c, f) for c in CONFIGS for f in FOLDS}
-    assert len(by_rule["train"]) == 20  # each training submitted once
+    assert len(by_rule["train"]) == 25  # each training submitted once
     for rule in ("train", "predict", "predict_lowres"):
         for s in by_rule[rule]:
             assert "--gpus=1" in s["args"], (rule, s["args"])
             assert "--cpus-per-task=1" in s["args"], (rule, s["args"])  # micro: threads 1
             assert ["-p", PARTITION] == s["args"][s["args"].index("-p") :][:2]
-    assert len(by_rule["predict"]) + len(by_rule["predict_lowres"]) == 20
-    # the 18 preprocessing jobs (6 cases x 3 grids) arrive batched: one group job (<= 30 each)
+    assert len(by_rule["predict"]) + len(by_rule["predict_lowres"]) == 25
+    # the 18 preprocessing jobs (6 cases x 3 grids) arrive batched: one group job (<= 30 each),
+    # and so do the 6 crop_roi jobs of 3d_cascade_roi (<= 100 each)
     assert by_rule["preprocessing_preprocess"] and "preprocess" not in by_rule
     assert len(by_rule["preprocessing_preprocess"]) == 1
-    # one sbatch per job otherwise: synth, validate, fingerprint, 20 trainings, 20 predictions,
-    # 20 evaluations, figures, and the preprocessing group
-    assert len(subs) == 1 + 1 + 1 + 20 + 20 + 20 + 1 + 1, sorted(by_rule)
+    assert len(by_rule["roi_crops_crop_roi"]) == 1 and "crop_roi" not in by_rule
+    # the 25 evaluations in group jobs of 5
+    assert len(by_rule["evaluation_evaluate"]) == 5 and "evaluate" not in by_rule
+    # one sbatch per job otherwise: synth, validate, fingerprint, 25 trainings, 25 predictions,
+    # figures, and the group jobs
+    assert len(subs) == 1 + 1 + 1 + 25 + 25 + 1 + 1 + 1 + 5, sorted(by_rule)
     for rule in (
         "synth",
         "validate_dataset",
         "fingerprint",
         "preprocessing_preprocess",
-        "evaluate",
+        "roi_crops_crop_roi",
+        "evaluation_evaluate",
         "figures",
     ):
         assert by_rule[rule], rule
@@ -231,7 +236,7 @@ def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_p
 
     # SLURM's side: each training job completed with one GPU allocated
     slurm_train = [j for j in run.slurm_jobs() if j["comment"].startswith("rule_train_")]
-    assert len(slurm_train) == 20
+    assert len(slurm_train) == 25
     assert all(j["state"] == "COMPLETED" and j["tres"] == "gres:gpu:1" for j in slurm_train)
 
     res = tmp_path / "results"
@@ -416,16 +421,25 @@ def test_slurm_ctrl_c_cancels_running_jobs_and_sigterm_waits_for_them(repo, slur
                     return j
         return None
 
+    def signal_when(env: dict, name: str, find, sig: int, timeout: int) -> tuple[dict, int]:
+        """Start snakemake, send it ``sig`` once ``find()`` returns a job, wait for its end;
+        the job, and the number of submissions 3 s after the signal (one under way then)."""
+        proc = start(env, name)
+        try:
+            job = _wait(find, 400, "a running training", proc)
+            proc.send_signal(sig)
+            time.sleep(3)
+            submitted = len(run.submissions())
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return job, submitted
+
     # 1. Ctrl-C while a training runs (stopped right after its first checkpoint)
-    proc = start({**run.env, "KITSNET_FAULT": "between_epochs:epoch=0,signal=STOP"}, "int.out")
-    try:
-        job = _wait(running_training, 400, "a training after its checkpoint", proc)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stop = {**run.env, "KITSNET_FAULT": "between_epochs:epoch=0,signal=STOP"}
+    job, _ = signal_when(stop, "int.out", running_training, signal.SIGINT, 120)
     out = (tmp_path / "int.out").read_text()
     assert "Terminating processes on user request" in out, out[-3000:]
     # snakemake cancelled its jobs: none is left running or pending
@@ -436,17 +450,10 @@ def test_slurm_ctrl_c_cancels_running_jobs_and_sigterm_waits_for_them(repo, slur
     assert not (models / f"fold_{fold}/model_final.pt").exists()
 
     # 2. SIGTERM while that training runs again (resumed): nothing more is submitted, it completes
-    proc = start(run.env, "term.out")
-    try:
-        job = _wait(lambda: running_training(job["comment"]), 400, "the resumed training", proc)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(3)  # a submission already under way when the signal came
-        submitted = len(run.submissions())
-        proc.wait(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    same = job["comment"]
+    job, submitted = signal_when(
+        run.env, "term.out", lambda: running_training(same), signal.SIGTERM, 400
+    )
     out = (tmp_path / "term.out").read_text()
     assert "Will exit after finishing currently running jobs" in out, out[-3000:]
     assert len(run.submissions()) == submitted, "snakemake submitted jobs after SIGTERM"

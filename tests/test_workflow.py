@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import run_workflow
 from kitsnet.evaluate import METRIC_COLUMNS
 from kitsnet.synth import kits_affine
 
-CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_cascade_roi"]
 
 
 def snakemake(repo: Path, workdir: Path, *args: str, check: bool = True):
@@ -39,7 +40,7 @@ def kits_layout(tmp_path_factory) -> Path:
     return root
 
 
-def test_paper_dag_plans_20_gpu_training_jobs(repo, tmp_path, kits_layout):
+def test_paper_dag_plans_25_gpu_training_jobs(repo, tmp_path, kits_layout):
     proc = snakemake(
         repo,
         tmp_path,
@@ -53,13 +54,14 @@ def test_paper_dag_plans_20_gpu_training_jobs(repo, tmp_path, kits_layout):
     )
     out = proc.stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
-    assert counts["train"] == "20"
-    assert int(counts["predict"]) + int(counts["predict_lowres"]) == 20
-    assert counts["evaluate"] == "20" and counts["preprocess"] == "30"  # 10 cases x 3 grids
+    assert counts["train"] == "25"
+    assert int(counts["predict"]) + int(counts["predict_lowres"]) == 25
+    assert counts["evaluate"] == "25" and counts["preprocess"] == "30"  # 10 cases x 3 grids
+    assert counts["crop_roi"] == "10"  # 3d_cascade_roi: each case cropped once
     assert "synth" not in counts
     blocks = out.split("\nrule ")
     train_blocks = [b for b in blocks if b.startswith("train:")]
-    assert len(train_blocks) == 20
+    assert len(train_blocks) == 25
     for cfg in CONFIGS:
         for fold in range(5):
             assert any(
@@ -67,7 +69,9 @@ def test_paper_dag_plans_20_gpu_training_jobs(repo, tmp_path, kits_layout):
             )
     assert all(re.search(r"resources:.*\bgpu=1\b", b) for b in train_blocks)
     cpu_blocks = [
-        b for b in blocks if b.split(":")[0] in ("fingerprint", "preprocess", "evaluate", "table1")
+        b
+        for b in blocks
+        if b.split(":")[0] in ("fingerprint", "preprocess", "crop_roi", "evaluate", "table1")
     ]
     assert cpu_blocks and not any(re.search(r"\bgpu=", b) for b in cpu_blocks)
 
@@ -91,7 +95,7 @@ def test_micro_demo_with_directory_on_scratch_writes_nothing_into_the_checkout(m
 
 @pytest.mark.workflow
 def test_micro_demo_runs_end_to_end(repo, micro_demo):
-    """Synthetic data -> validate -> plan -> preprocess -> 20 trainings -> predictions ->
+    """Synthetic data -> validate -> plan -> preprocess -> 25 trainings -> predictions ->
     scores -> Table 1 and figures, with micro settings (a few tiny cases and iterations).
     The run itself is the session fixture ``micro_demo`` (conftest.py), shared with
     test_determinism.py."""
@@ -104,7 +108,7 @@ def test_micro_demo_runs_end_to_end(repo, micro_demo):
         for key in METRIC_COLUMNS:
             assert 0.0 <= float(r[key]) <= 1.0
     per_case = list(csv.DictReader(open(res / "scores_per_case.csv")))
-    assert len(per_case) == 4 * 6 * 6  # configurations x cases x metrics
+    assert len(per_case) == 5 * 6 * 6  # configurations x cases x metrics
     for fig in ("fig1_reference.png", "fig2_predictions.png", "training_curves.png"):
         assert (res / "figures" / fig).stat().st_size > 1000
     for cfg in CONFIGS:
@@ -114,11 +118,21 @@ def test_micro_demo_runs_end_to_end(repo, micro_demo):
     # predictions are on the original grid of their case, with its geometry
     import nibabel as nib
 
-    pred = next((res / "predictions/3d_cascade_fullres").glob("fold_*/case_*.nii.gz"))
-    ref = nib.load(res / "data/demo" / pred.name.removesuffix(".nii.gz") / "imaging.nii.gz")
-    got = nib.load(pred)
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got.affine, ref.affine)
+    for cfg in ("3d_cascade_fullres", "3d_cascade_roi"):
+        pred = next((res / f"predictions/{cfg}").glob("fold_*/case_*.nii.gz"))
+        ref = nib.load(res / "data/demo" / pred.name.removesuffix(".nii.gz") / "imaging.nii.gz")
+        got = nib.load(pred)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got.affine, ref.affine)
+    # 3d_cascade_roi's cases: each cropped once, to the lowres stage's region, one item per box
+    for case_dir in sorted((res / "preprocessed/3d_cascade_roi").iterdir()):
+        manifest = json.loads((case_dir / "roi.json").read_text())
+        assert manifest["items"] == ["box0"]  # the default: one box around both kidneys
+        crop = np.load(case_dir / "box0_seg.npy", mmap_mode="r")
+        assert crop.shape == tuple(
+            np.subtract(manifest["boxes"][0]["stop"], manifest["boxes"][0]["start"])
+        )
+        assert all(c <= f for c, f in zip(crop.shape, manifest["shape"], strict=True))
     # a second invocation finds nothing to do
     again = snakemake(repo, tmp_path, "-n", "--configfile", str(repo / "tests/data/micro.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
