@@ -55,7 +55,6 @@ PEER = "the same network on the whole volume (3d_cascade_fullres's path)"
 VERSION = "v1"
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS_DIR = Path(__file__).resolve().parents[2] / "shared" / "kits21_labels"
 WIDTH = {"base_features": 4, "max_features_3d": 32}
 FULL = {"case": "case_00057", "spacing": None, "patch": None}  # the paper's 0.78 mm, 128^3
 QUICK = {"case": "case_00287", "spacing": [2.0, 2.0, 2.0], "patch": [32, 32, 32]}
@@ -73,44 +72,28 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 
 def skip_reason() -> str | None:
-    if not LABELS_DIR.is_dir():
-        return (
-            f"the real KiTS21 label maps are not here: {LABELS_DIR} does not exist (this "
-            "benchmark needs their geometry; see benchmarks/paper_step.py)"
-        )
-    missing = [s["case"] for s in (FULL, QUICK) if not _label_map(s["case"]).is_file()]
-    if missing:
-        return f"KiTS21 label maps missing from {LABELS_DIR}: {', '.join(missing)}"
-    return None
+    from benchmarks.paper_step import missing_label_maps
+
+    return missing_label_maps([FULL["case"], QUICK["case"]])
 
 
 def peer_available() -> str | None:
     return None  # the peer is kitsnet's own uncropped path
 
 
-def _label_map(case: str) -> Path:
-    return LABELS_DIR / f"{case}_MAJ.nii.gz"
-
-
 def _plans(sizes: dict[str, Any]) -> dict[str, dict]:
     """The paper's 3d_cascade_roi and 3d_cascade_fullres plans (config/kits21.yaml on the
     fingerprint of the real label maps), at the reduced width; quick: a coarser grid."""
-    import nibabel as nib
     import yaml
 
+    from benchmarks.paper_step import real_geometry_fingerprint
     from kitsnet.plan import make_plan
 
     cfg = yaml.safe_load((REPO / "config" / "kits21.yaml").read_text())
     cfg["plan"].update(WIDTH)
     if sizes["spacing"]:
         cfg["plan"].update(fullres_spacing=sizes["spacing"], patch_size_3d=sizes["patch"])
-    headers = [nib.load(f).header for f in sorted(LABELS_DIR.glob("case_*_MAJ.nii.gz"))]
-    fi = {"mean": 100.0, "std": 75.0, "percentile_00_5": -100.0, "percentile_99_5": 250.0}
-    fp = {
-        "shapes": [[int(s) for s in h.get_data_shape()] for h in headers],
-        "spacings": [[float(z) for z in h.get_zooms()] for h in headers],
-        "foreground_intensity": fi,
-    }
+    fp = real_geometry_fingerprint()
     names = ("3d_cascade_roi", "3d_cascade_fullres")
     return {name: make_plan(name, fp, copy.deepcopy(cfg)) for name in names}
 
@@ -121,7 +104,7 @@ def _write(root: Path, sizes: dict[str, Any]) -> None:
     import nibabel as nib
     import torch
 
-    from benchmarks.paper_step import painted_case
+    from benchmarks.paper_step import label_map, painted_case
     from kitsnet.checkpoint import save_torch
     from kitsnet.network import build_network
     from kitsnet.preprocess import preprocess_case
@@ -130,7 +113,7 @@ def _write(root: Path, sizes: dict[str, Any]) -> None:
     case, plans = sizes["case"], _plans(sizes)
     for sub in ("src", "full", "prev", "roi", "models"):
         (root / sub).mkdir()
-    image, label = painted_case(nib.load(_label_map(case)), case, root / "src")
+    image, label = painted_case(nib.load(label_map(case)), case, root / "src")
     files = [root / "full" / f"{case}{x}" for x in ("_image.npy", "_seg.npy", ".json")]
     preprocess_case(image, label, case, plans["3d_cascade_roi"], *files)
     shutil.rmtree(root / "src")

@@ -84,7 +84,6 @@ WORKERS = 2
 VERSION = "v1"
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS_DIR = Path(__file__).resolve().parents[2] / "shared" / "kits21_labels"
 # full: four real cases around the paper's median fullres shape (1 to 5 mm slices); quick: two
 # small ones cropped to their kidneys (plus a margin), so the cache is made in seconds
 FULL = {
@@ -107,15 +106,9 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 
 def skip_reason() -> str | None:
-    if not LABELS_DIR.is_dir():
-        return (
-            f"the real KiTS21 label maps are not here: {LABELS_DIR} does not exist (this "
-            "benchmark needs their geometry; see benchmarks/paper_step.py)"
-        )
-    missing = [c for c in FULL["cases"] + QUICK["cases"] if not _label_map(c).is_file()]
-    if missing:
-        return f"KiTS21 label maps missing from {LABELS_DIR}: {', '.join(missing)}"
-    return None
+    from benchmarks.paper_step import missing_label_maps
+
+    return missing_label_maps(FULL["cases"] + QUICK["cases"])
 
 
 def peer_available() -> str | None:
@@ -133,10 +126,6 @@ def peer_available() -> str | None:
 # ----------------------------------------------------------------------------- the paper's data
 
 
-def _label_map(case: str) -> Path:
-    return LABELS_DIR / f"{case}_MAJ.nii.gz"
-
-
 def _config() -> dict[str, Any]:
     import yaml
 
@@ -146,22 +135,10 @@ def _config() -> dict[str, Any]:
 def _paper_plan(cfg: dict[str, Any]) -> dict[str, Any]:
     """``make_plan('3d_fullres')`` of config/kits21.yaml on the fingerprint of all real label
     maps, with paper_step's CT intensity statistics."""
-    import nibabel as nib
-
+    from benchmarks.paper_step import real_geometry_fingerprint
     from kitsnet.plan import make_plan
 
-    headers = [nib.load(f).header for f in sorted(LABELS_DIR.glob("case_*_MAJ.nii.gz"))]
-    fp = {
-        "shapes": [[int(s) for s in h.get_data_shape()] for h in headers],
-        "spacings": [[float(z) for z in h.get_zooms()] for h in headers],
-        "foreground_intensity": {
-            "mean": 100.0,
-            "std": 75.0,
-            "percentile_00_5": -100.0,
-            "percentile_99_5": 250.0,
-        },
-    }
-    return make_plan("3d_fullres", fp, copy.deepcopy(cfg))
+    return make_plan("3d_fullres", real_geometry_fingerprint(), copy.deepcopy(cfg))
 
 
 def _cropped_case(case: str, out: Path, margin: int) -> tuple[Path, Path]:
@@ -169,9 +146,9 @@ def _cropped_case(case: str, out: Path, margin: int) -> tuple[Path, Path]:
     plus ``margin`` voxels."""
     import nibabel as nib
 
-    from benchmarks.paper_step import painted_case
+    from benchmarks.paper_step import label_map, painted_case
 
-    lab = nib.load(_label_map(case))
+    lab = nib.load(label_map(case))
     full = np.asarray(lab.dataobj)
     box = tuple(
         slice(max(0, int(a.min()) - margin), int(a.max()) + 1 + margin) for a in np.nonzero(full)

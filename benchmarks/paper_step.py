@@ -33,11 +33,43 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def label_map(case: str) -> Path:
+    """The real KiTS21 label map of ``case`` in ../shared/kits21_labels."""
+    return LABELS_DIR / f"{case}_MAJ.nii.gz"
+
+
+def missing_label_maps(cases: list[str]) -> str | None:
+    """Why a benchmark on these real label maps cannot run here, or None."""
+    if not LABELS_DIR.is_dir():
+        return (
+            f"the real KiTS21 label maps are not here: {LABELS_DIR} does not exist (this "
+            "benchmark needs their geometry; see benchmarks/paper_step.py)"
+        )
+    missing = [c for c in cases if not label_map(c).is_file()]
+    if missing:
+        return f"KiTS21 label maps missing from {LABELS_DIR}: {', '.join(missing)}"
+    return None
+
+
+def real_geometry_fingerprint() -> dict:
+    """A dataset fingerprint from the shapes and spacings of all real label maps, with CT-like
+    foreground intensity statistics (those of ``painted_case``'s images), for planning."""
+    import nibabel as nib
+
+    headers = [nib.load(f).header for f in sorted(LABELS_DIR.glob("case_*_MAJ.nii.gz"))]
+    fi = {"mean": 100.0, "std": 75.0, "percentile_00_5": -100.0, "percentile_99_5": 250.0}
+    return {
+        "shapes": [[int(s) for s in h.get_data_shape()] for h in headers],
+        "spacings": [[float(z) for z in h.get_zooms()] for h in headers],
+        "foreground_intensity": fi,
+    }
+
+
 def _real_case(case: str, out: Path) -> tuple[Path, Path]:
     """One real label map and a CT-like image painted from it, in KiTS21's layout."""
     import nibabel as nib
 
-    return painted_case(nib.load(LABELS_DIR / f"{case}_MAJ.nii.gz"), case, out)
+    return painted_case(nib.load(label_map(case)), case, out)
 
 
 def painted_case(lab, case: str, out: Path) -> tuple[Path, Path]:
@@ -63,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=2, help="training iterations")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    import nibabel as nib
     import torch
 
     from kitsnet.plan import make_plan
@@ -72,14 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = yaml.safe_load((REPO / "config" / "kits21.yaml").read_text())
-    maps = sorted(LABELS_DIR.glob("case_*_MAJ.nii.gz"))
-    headers = [nib.load(f).header for f in maps]
-    fi = {"mean": 100.0, "std": 75.0, "percentile_00_5": -100.0, "percentile_99_5": 250.0}
-    fp = {
-        "shapes": [[int(s) for s in h.get_data_shape()] for h in headers],
-        "spacings": [[float(z) for z in h.get_zooms()] for h in headers],
-        "foreground_intensity": fi,
-    }
+    fp = real_geometry_fingerprint()
     report: dict = {"case": args.case, "plans": {}, "preprocess": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
