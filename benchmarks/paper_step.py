@@ -94,11 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default="case_00057", help="which real label map to use")
     parser.add_argument("--iterations", type=int, default=2, help="training iterations")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--configuration",
+        choices=("3d_fullres", "3d_cascade_roi"),
+        default="3d_fullres",
+        help="which paper configuration takes the training step",
+    )
     args = parser.parse_args(argv)
     import torch
 
     from kitsnet.plan import make_plan
     from kitsnet.preprocess import preprocess_case
+    from kitsnet.roi import crop_case
     from kitsnet.train import train_fold
 
     torch.set_num_threads(args.threads)
@@ -132,25 +139,36 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"plan + preprocess {name}: {report['plans'][name]} -> {shape}, {mb:.0f} MiB, "
                   f"{report['preprocess'][name]['seconds']} s, peak {_peak_mib():.0f} MiB")
-        plan = make_plan("3d_fullres", fp, copy.deepcopy(cfg))
+        plan = make_plan(args.configuration, fp, copy.deepcopy(cfg))
+        data = root / "pre" / "3d_fullres"
+        if args.configuration == "3d_cascade_roi":
+            # the case cropped to its first stage's box, its own labels standing in for the
+            # lowres stage's out-of-fold segmentation
+            data = root / "pre" / "3d_cascade_roi"
+            fullres = [data.parent / "3d_fullres" / f"{args.case}{x}"
+                       for x in ("_image.npy", "_seg.npy", ".json")]
+            boxes = crop_case(args.case, *fullres, fullres[1], plan, data / args.case)
+            report["crop"] = [list(b.shape) for b in boxes]
+            print(f"crop_roi: boxes {report['crop']}, peak {_peak_mib():.0f} MiB")
         # this machine's threads (workers: auto = threads - 1), not the paper's GPU node's 8
         training = dict(cfg["training"], epochs=1, iterations_per_epoch=args.iterations,
                         val_iterations=1, checkpoint_every=1, device="cpu",
                         threads=args.threads)
         splits = [{"train": [args.case], "val": [args.case]}]
         t0 = time.perf_counter()
-        train_fold(plan, splits, 0, root / "pre" / "3d_fullres", root / "model", training,
+        train_fold(plan, splits, 0, data, root / "model", training,
                    cfg["augmentation"], seed=0, device="cpu", log=print)
         seconds = time.perf_counter() - t0
         report["train"] = {
+            "configuration": args.configuration,
             "iterations": args.iterations,
             "val_batches": 1,
             "seconds": round(seconds, 1),
             "peak_mib": round(_peak_mib()),
             "threads": args.threads,
         }
-        print(f"train_fold 3d_fullres: {args.iterations} iterations + 1 validation batch in "
-              f"{seconds:.0f} s, peak {_peak_mib():.0f} MiB")
+        print(f"train_fold {args.configuration}: {args.iterations} iterations + 1 validation "
+              f"batch in {seconds:.0f} s, peak {_peak_mib():.0f} MiB")
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"paper_step-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
