@@ -1,7 +1,7 @@
 """Benchmark ``cascade_roi``: the fullres stage on the first stage's region of interest
 (``3d_cascade_roi``) vs on the whole volume (``3d_cascade_fullres``), time and storage.
 
-One real-geometry case: a KiTS21 label map (``../shared/kits21_labels``, case_00057: 80 x 512 x
+One real-geometry case: a KiTS21 label map (``$KITSNET_KITS21_LABELS``, case_00057: 80 x 512 x
 512 at 3 x 0.82 x 0.82 mm) with CT-like intensities painted from its labels
 (``benchmarks.paper_step.painted_case``), preprocessed by ``kitsnet.preprocess.preprocess_case``
 to the paper's fullres plan (``make_plan`` of config/kits21.yaml on the fingerprint of all the

@@ -1,8 +1,9 @@
 """Benchmark: ``kitsnet.evaluate`` vs the literal whole-volume KiTS21 computation.
 
-Runs both on the 24 real full-size pairs of ../shared/kits21_labels (AND and OR aggregations
-scored against MAJ) in one process, and prints per-pair times, totals, the speed-up and the
-largest absolute difference over all 6 metrics (the requirement is <= 1e-9 and >= 5x).
+Runs both on the 24 real full-size pairs of the KiTS21 label maps in $KITSNET_KITS21_LABELS
+(AND and OR aggregations scored against MAJ) in one process, and prints per-pair times,
+totals, the speed-up and the largest absolute difference over all 6 metrics (the requirement
+is <= 1e-9 and >= 5x).
 
     python -m benchmarks.bench_evaluate [--data DIR] [--jobs N] [--json OUT]
 
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from kitsnet.dataset import LABEL_MAPS_ENV, aggregated_label_maps, label_maps_from_env
 from kitsnet.evaluate import (
     METRIC_COLUMNS,
     evaluate_pairs,
@@ -29,7 +31,6 @@ from kitsnet.evaluate import (
 )
 from kitsnet.io import atomic_path, load_volume
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "kits21_labels"
 TOLERANCE = 1e-9
 
 # The side-by-side protocol of ``python -m benchmarks`` (see benchmarks/harness.py): one
@@ -37,19 +38,22 @@ TOLERANCE = 1e-9
 NAME = "evaluate"
 GOAL = 5.0
 PEER = "official KiTS21 metrics (whole-volume surface-distance, kitsnet.evaluate.reference_*)"
-WHAT = "score case_00160 OR vs MAJ (the largest shared label map), file reading included"
+WHAT = "score case_00160 OR vs MAJ (the largest of the 12 real label maps), file reading included"
 
 
 def skip_reason() -> str | None:
     """None when the real label maps are there, else why the benchmark cannot run."""
-    if not (DEFAULT_DATA / "case_00160_MAJ.nii.gz").is_file():
-        return f"{DEFAULT_DATA} is absent: the real KiTS21 label maps live in ../shared"
+    maps, why = label_maps_from_env()
+    if not maps:
+        return why
+    if not {"MAJ", "OR"} <= set(maps.get("case_00160", {})):
+        return f"case_00160's MAJ and OR label maps are not among ${LABEL_MAPS_ENV}'s"
     return None
 
 
 def setup(quick: bool) -> tuple[str, Path, Path]:
     """The largest pair (smallest in quick mode); files read once to warm the page cache."""
-    pairs = real_pairs(DEFAULT_DATA)
+    pairs = real_pairs(label_maps_from_env()[0])
     pairs.sort(key=lambda p: p[2].stat().st_size)
     case, pred, ref = pairs[0] if quick else [p for p in pairs if p[0] == "case_00160_OR"][0]
     pred.read_bytes(), ref.read_bytes()
@@ -72,29 +76,32 @@ def check(quick: bool) -> dict:
     return {"max_abs_diff": diff, "tolerance": TOLERANCE}
 
 
-def real_pairs(data: Path) -> list[tuple[str, Path, Path]]:
-    """Every ``<case>_{AND,OR}.nii.gz`` with its ``<case>_MAJ.nii.gz``, named ``<case>_<agg>``."""
+def real_pairs(maps: dict[str, dict[str, Path]]) -> list[tuple[str, Path, Path]]:
+    """Every case's AND and OR label map with its MAJ reference, named ``<case>_<agg>``."""
     pairs = []
-    for ref in sorted(data.glob("case_*_MAJ.nii.gz")):
-        case = ref.name[: -len("_MAJ.nii.gz")]
+    for case, files in sorted(maps.items()):
         for agg in ("AND", "OR"):
-            pred = data / f"{case}_{agg}.nii.gz"
-            if pred.is_file():
-                pairs.append((f"{case}_{agg}", pred, ref))
+            if "MAJ" in files and agg in files:
+                pairs.append((f"{case}_{agg}", files[agg], files["MAJ"]))
     return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=os.environ.get(LABEL_MAPS_ENV),
+        help=f"KiTS21 label maps (a clone's data folder or flat files; default ${LABEL_MAPS_ENV})",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
 
-    if not args.data.is_dir():
-        print(f"no data at {args.data}", file=sys.stderr)
+    if args.data is None or not Path(args.data).is_dir():
+        print(f"no label maps at {args.data} (--data or ${LABEL_MAPS_ENV})", file=sys.stderr)
         return 2
-    pairs = real_pairs(args.data)
+    pairs = real_pairs(aggregated_label_maps(args.data))
     print(f"{len(pairs)} pairs from {args.data}")
     print(
         f"python {platform.python_version()}, {os.cpu_count()} cpus, "

@@ -6,7 +6,7 @@ training run actually waits on: batches of the paper's 3d_fullres plan (128^3 pa
 from a 205^3 region, batch 2, the full augmentation set, the five deep-supervision targets of
 the 6-stage network) made by two worker processes and handed to the main process, whose torch
 runs one thread.  Both sides read the same cases: real KiTS21 label maps
-(``../shared/kits21_labels``) with CT-like intensities painted from the labels (as
+(``$KITSNET_KITS21_LABELS``) with CT-like intensities painted from the labels (as
 ``benchmarks/paper_step.py`` does), preprocessed by ``kitsnet.preprocess.preprocess_case`` to
 the paper's 0.78 mm grid, memory-mapped by both loaders.
 

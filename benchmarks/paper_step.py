@@ -2,7 +2,7 @@
 
 The demo proves the method learns at a small scale; this checks that the paper's own settings
 (config/kits21.yaml) run on real-size data on this machine, through the workflow's functions:
-``make_plan`` on the fingerprint of the real KiTS21 label maps in ../shared/kits21_labels,
+``make_plan`` on the fingerprint of the real KiTS21 label maps ($KITSNET_KITS21_LABELS),
 ``preprocess_case`` of one real label map (with CT-like intensities painted from its labels,
 since the KiTS21 imaging is not available here) for every data kind, and ``train_fold`` of the
 paper's 3d_fullres plan (6 stages, 128^3 patches from a 205^3 region, batch 2, full
@@ -25,7 +25,6 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS_DIR = REPO.parent / "shared" / "kits21_labels"
 HU = {0: -100.0, 1: 160.0, 2: 110.0, 3: 10.0}  # enhancing kidney, tumour, near-water cyst
 
 
@@ -34,20 +33,22 @@ def _peak_mib() -> float:
 
 
 def label_map(case: str) -> Path:
-    """The real KiTS21 label map of ``case`` in ../shared/kits21_labels."""
-    return LABELS_DIR / f"{case}_MAJ.nii.gz"
+    """The real KiTS21 (majority-vote) label map of ``case``, from $KITSNET_KITS21_LABELS."""
+    from kitsnet.dataset import label_maps_from_env
+
+    return label_maps_from_env()[0][case]["MAJ"]
 
 
 def missing_label_maps(cases: list[str]) -> str | None:
     """Why a benchmark on these real label maps cannot run here, or None."""
-    if not LABELS_DIR.is_dir():
-        return (
-            f"the real KiTS21 label maps are not here: {LABELS_DIR} does not exist (this "
-            "benchmark needs their geometry; see benchmarks/paper_step.py)"
-        )
-    missing = [c for c in cases if not label_map(c).is_file()]
+    from kitsnet.dataset import LABEL_MAPS_ENV, label_maps_from_env
+
+    maps, why = label_maps_from_env()
+    if not maps:
+        return why
+    missing = [c for c in cases if "MAJ" not in maps.get(c, {})]
     if missing:
-        return f"KiTS21 label maps missing from {LABELS_DIR}: {', '.join(missing)}"
+        return f"KiTS21 label maps missing from ${LABEL_MAPS_ENV}: {', '.join(missing)}"
     return None
 
 
@@ -56,7 +57,10 @@ def real_geometry_fingerprint() -> dict:
     foreground intensity statistics (those of ``painted_case``'s images), for planning."""
     import nibabel as nib
 
-    headers = [nib.load(f).header for f in sorted(LABELS_DIR.glob("case_*_MAJ.nii.gz"))]
+    from kitsnet.dataset import label_maps_from_env
+
+    maps = label_maps_from_env()[0]
+    headers = [nib.load(m["MAJ"]).header for m in maps.values() if "MAJ" in m]
     fi = {"mean": 100.0, "std": 75.0, "percentile_00_5": -100.0, "percentile_99_5": 250.0}
     return {
         "shapes": [[int(s) for s in h.get_data_shape()] for h in headers],

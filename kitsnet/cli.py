@@ -1,10 +1,15 @@
 """The ``kitsnet`` command: each pipeline stage usable without Snakemake.
 
-kitsnet synth --out DIR --cases N --seed S
-kitsnet validate DATA_ROOT
+kitsnet synth --out DIR [--cases 20] [--seed 0]
+kitsnet validate DATA_ROOT [--folds 5] [--dataset auto|kits21|kits23]
+kitsnet predict --models DIR --input IMAGE_OR_DIR --out DIR [--config 3d_cascade_fullres]
+                [--checkpoint model_final.pt] [--no-mirror] [--device auto]
+kitsnet fetch kits21|kits23 --out DIR [--cases SPEC] [--base-url URL] [--jobs 4]
+              [--retries 5] [--timeout 60]
 kitsnet evaluate --pred-dir P --ref-dir R --out scores.csv [--jobs N]
-kitsnet predict --models DIR --input IMAGE_OR_DIR --out DIR [--config 3d_fullres]
-kitsnet fetch {kits21,kits23} --out DIR [--cases SPEC] [--jobs N] [--retries N] [--timeout S]
+kitsnet --version
+
+`kitsnet COMMAND --help` describes a command's options and their defaults.
 """
 
 from __future__ import annotations
@@ -74,46 +79,83 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kitsnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+# The paper's final model, and what `kitsnet predict` runs unless told otherwise.
+DEFAULT_CONFIGURATION = "3d_cascade_fullres"
 
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic KiTS-like dataset in KiTS21's layout")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for case_XXXXX/")
+    p.add_argument(
+        "--cases", type=int, default=20, metavar="N", help="number of cases (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="same seed, same data (default: %(default)s)"
+    )
     p.set_defaults(func=_synth)
 
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate", help="check a KiTS21- or KiTS23-layout folder, report all problems"
     )
-    p.add_argument("data_root", type=Path)
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("data_root", type=Path, help="the folder holding case_XXXXX/")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        metavar="K",
+        help="cross-validation folds: fewer cases than this is a problem (default: %(default)s)",
+    )
     p.add_argument(
         "--dataset",
         choices=["auto", "kits21", "kits23"],
         default="auto",
         help="layout: KiTS21 (aggregated_MAJ_seg.nii.gz) or KiTS23 (segmentation.nii.gz); "
-        "auto: from the files found",
+        "auto: from the files found (default: %(default)s)",
     )
     p.set_defaults(func=_validate)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from .plan import CONFIGURATIONS
 
     p = sub.add_parser("predict", help="segment new CT scans with a trained configuration")
     p.add_argument(
         "--models",
         required=True,
+        metavar="DIR",
         help="the workflow's results/models folder (holding <config>/fold_k)",
     )
-    p.add_argument("--input", required=True, help="a .nii.gz CT or a folder of them")
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", default="3d_cascade_fullres")
-    p.add_argument("--checkpoint", default="model_final.pt")
-    p.add_argument("--no-mirror", action="store_true", help="disable mirroring TTA")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--input", required=True, metavar="PATH", help="a .nii.gz CT or a folder of them"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for <case>.nii.gz label maps"
+    )
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIGURATION,
+        help=f"trained configuration to run, one of {', '.join(CONFIGURATIONS)}; a cascade "
+        "runs its first stage too (default: %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="model_final.pt",
+        metavar="FILE",
+        help="checkpoint file name in each fold_k folder (default: %(default)s)",
+    )
+    p.add_argument("--no-mirror", action="store_true", help="disable mirroring TTA (faster)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or cuda:N; auto: a GPU if torch sees one, else the CPU "
+        "(default: %(default)s)",
+    )
     p.set_defaults(func=_predict)
 
+
+def _add_fetch(sub: argparse._SubParsersAction) -> None:
     from .fetch import DEFAULT_BASE_URL
 
     p = sub.add_parser(
@@ -122,12 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Download each case's CT to OUT/case_XXXXX/imaging.nii.gz, normally the data folder "
             "of a kits21 (data/) or kits23 (dataset/) clone, which holds the label maps. "
-            "Transfers resume after a cut, are retried, and are checked (size, gzip, NIfTI "
-            "header) before they appear; a rerun fetches only missing or broken cases. "
+            "Transfers resume after a cut, are retried (each retry announced), and are checked "
+            "(size, gzip, NIfTI header) before they appear; a rerun fetches only missing or "
+            "broken cases. A host that cannot be connected to stops the run at once. "
             "Proxies: set HTTPS_PROXY / https_proxy (and NO_PROXY) as for any urllib program."
         ),
     )
-    p.add_argument("dataset", choices=["kits21", "kits23"])
+    p.add_argument("dataset", choices=["kits21", "kits23"], help="which dataset's case numbers")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for case_XXXXX/")
     p.add_argument(
         "--cases", metavar="SPEC", help="case numbers, e.g. 0-9,42 (default: all of the dataset)"
@@ -139,28 +182,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset root; files are URL/images/case_XXXXX.nii.gz (default: %(default)s)",
     )
     p.add_argument(
-        "--jobs", type=int, default=4, metavar="N", help="parallel downloads (default: 4)"
+        "--jobs", type=int, default=4, metavar="N", help="parallel downloads (default: %(default)s)"
     )
     p.add_argument(
-        "--retries", type=int, default=5, metavar="N", help="retries per case (default: 5)"
+        "--retries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="retries per case after a time-out, 5xx, 429 or cut (default: %(default)s)",
     )
     p.add_argument(
         "--timeout",
         type=float,
         default=60.0,
         metavar="S",
-        help="seconds without data before a retry (default: 60)",
+        help="seconds without data before a retry (default: %(default)s)",
     )
     p.set_defaults(func=_fetch)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every sub-command (one ``_add_*`` function each, evaluate's in its module)."""
+    from . import __version__
     from .evaluate import add_cli
 
-    add_cli(sub)
+    parser = argparse.ArgumentParser(
+        prog="kitsnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for add in (_add_synth, _add_validate, _add_predict, _add_fetch, add_cli):
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; 1 on a :class:`KitsnetError` (its message on stderr), 2 without one."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `kitsnet`: say what there is, as argparse does on errors
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except KitsnetError as exc:

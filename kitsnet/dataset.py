@@ -22,6 +22,7 @@ Nothing here writes anything.
 from __future__ import annotations
 
 import gzip
+import os
 import re
 from pathlib import Path
 
@@ -254,3 +255,53 @@ def validate_dataset(
             f"dataset {root} has {len(problems)} problem(s):\n" + "\n".join(problems)
         )
     return {"data_root": str(root), "dataset": dataset, "cases": wanted, "n_cases": len(wanted)}
+
+
+# The annotators' aggregations KiTS21 ships beside each case's imaging: majority vote (the
+# reference), intersection and union.  Tests and benchmarks on real geometry read them through
+# one setting, the environment variable below, so that nothing reads a folder outside a clone.
+AGGREGATIONS = ("MAJ", "AND", "OR")
+LABEL_MAPS_ENV = "KITSNET_KITS21_LABELS"
+
+
+def aggregated_label_maps(root: str | Path) -> dict[str, dict[str, Path]]:
+    """``case -> {"MAJ": path, "AND": path, "OR": path}`` (those present) under ``root``.
+
+    Two layouts, because KiTS21's label maps are in git while its imaging is not, so they travel
+    without it: a KiTS21 clone's data folder (``case_XXXXX/aggregated_MAJ_seg.nii.gz``, ``_AND_``,
+    ``_OR_``: what the README's ``git clone`` makes) and a flat folder of
+    ``case_XXXXX_MAJ.nii.gz``, ``case_XXXXX_AND.nii.gz``, ``case_XXXXX_OR.nii.gz``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise KitsnetError(f"{root}: KiTS21 label maps folder is missing or not a folder")
+    maps: dict[str, dict[str, Path]] = {}
+    for path in sorted(root.iterdir()):
+        for agg in AGGREGATIONS:
+            nested = path / f"aggregated_{agg}_seg.nii.gz"
+            if CASE_RE.fullmatch(path.name) and nested.is_file():
+                maps.setdefault(path.name, {})[agg] = nested
+            case = path.name.removesuffix(f"_{agg}.nii.gz")
+            if case != path.name and CASE_RE.fullmatch(case) and path.is_file():
+                maps.setdefault(case, {})[agg] = path
+    return maps
+
+
+def label_maps_from_env() -> tuple[dict[str, dict[str, Path]], str]:
+    """The label maps that ``$KITSNET_KITS21_LABELS`` points at, and why there are none ("" when
+    there are), for tests and benchmarks to skip with a reason that says how to enable them."""
+    how = (
+        f"set {LABEL_MAPS_ENV} to a KiTS21 clone's label maps to run it (kits21/kits21/data after "
+        "`git clone https://github.com/neheller/kits21`, or a folder of "
+        "case_XXXXX_{MAJ,AND,OR}.nii.gz)"
+    )
+    setting = os.environ.get(LABEL_MAPS_ENV, "")
+    if not setting:
+        return {}, f"needs real KiTS21 label maps: {how}"
+    root = Path(setting).expanduser().resolve()
+    if not root.is_dir():
+        return {}, f"{LABEL_MAPS_ENV}={setting} is not a folder: {how}"
+    maps = aggregated_label_maps(root)
+    if not maps:
+        return {}, f"{LABEL_MAPS_ENV}={setting} holds no KiTS21 label maps: {how}"
+    return maps, ""

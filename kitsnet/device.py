@@ -106,8 +106,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def amp_dtype(dev: torch.device) -> torch.dtype | None:
-    """Autocast precision of training on ``dev``: bf16 on GPUs that have it, else fp16 (with
-    loss scaling); None (float32) on the CPU."""
+    """Autocast precision on ``dev``, for training and inference alike: bf16 on GPUs that have
+    it, else fp16 (training adds loss scaling); None (float32) on the CPU."""
     if dev.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -42,9 +42,10 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     channels-last: two extra passes over every activation, which cancel most of what the
     channels-last convolutions (oneDNN, ~1.8x faster on the CPU) gain.  For such inputs, when
     no gradient is needed, the norm is computed directly on the (N, S, C) view that a
-    channels-last tensor already is: accurate two-pass per-channel statistics (biased variance,
-    as ``F.instance_norm``; see ``forward``), then one fused ``v * scale + shift`` pass written
-    in channels-last layout.  It agrees with the exact norm to float32 rounding (tested); every
+    channels-last tensor already is: two-pass per-channel statistics accumulated in float64
+    (biased variance, as ``F.instance_norm``; see ``_channel_mean_var``), then one fused
+    ``v * scale + shift`` pass written in channels-last layout.  Its error is the float32
+    rounding of that last pass, on any CPU (the bound is tested); every
     other case (training, GPU, contiguous inputs, running statistics) calls ``F.instance_norm``
     exactly as the parent class does.
     """
@@ -53,27 +54,21 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         if not self._fast_path(x):
             return super().forward(x)
         n, c, d, h, w = x.shape
-        s = d * h * w
-        v = x.permute(0, 2, 3, 4, 1).reshape(n, s, c)  # a view: no copy
-        # Two-pass statistics, accurate where E[x^2] - E[x]^2 is not (large means, near-constant
-        # tiles).  Reductions over S (not the innermost axis here) are either sequential float32
-        # sums (mean: fast, but off by ~1e-5 relative over 64^3 voxels) or slow (var_mean's
-        # Welford loop costs more than the two layout copies it would save), so the exact sums
-        # are GEMMs, whose blocked accumulation is accurate: the residual mean of the centred
-        # values and the diagonal of their Gram matrix (C^2 per voxel, ~4% of a 3x3x3 conv).
-        centred = v - v.mean(dim=1, keepdim=True)
-        ones = v.new_ones(1, 1, s).expand(n, 1, s)
-        residual = torch.bmm(ones, centred) / s  # (N, 1, C)
-        gram = torch.bmm(centred.transpose(1, 2), centred)  # (N, C, C)
-        var = torch.diagonal(gram, dim1=1, dim2=2).unsqueeze(1) / s - residual * residual
+        v = x.permute(0, 2, 3, 4, 1).reshape(n, d * h * w, c)  # a view: no copy
+        mean, var = _channel_mean_var(v)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            scale = scale * self.weight
-        shift = -residual * scale
+            scale = scale * self.weight.to(scale.dtype)
+        # Centre on the mean rounded to the input's dtype: v - m is exact for the voxels near
+        # the mean (Sterbenz), so a channel of mean 100 and spread 1e-3 keeps its digits; the
+        # float64 remainder (mean - m) goes into the shift.
+        m = mean.to(x.dtype)
+        shift = -(mean - m.to(mean.dtype)) * scale
         if self.bias is not None:
-            shift = shift + self.bias
+            shift = shift + self.bias.to(shift.dtype)
+        centred = v - m
         # one fused pass, into the centred buffer (channels-last, as the input)
-        out = torch.addcmul(shift, centred, scale, out=centred)
+        out = torch.addcmul(shift.to(x.dtype), centred, scale.to(x.dtype), out=centred)
         return out.view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
 
     def _has_trainable(self) -> bool:
@@ -91,6 +86,36 @@ class InstanceNorm3d(nn.InstanceNorm3d):
             and not x.is_contiguous()
         )
 
+
+
+# voxels x channels x batch per float64 block of _channel_mean_var: 16 MiB of float64 at a time
+_STAT_BLOCK = 1 << 21
+
+
+def _channel_mean_var(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``v`` (N, S, C), accumulated in float64.
+
+    Why float64: a float32 reduction over S voxels is off by up to ~S * 2^-24 relative, and how
+    far depends on the kernel's reduction order (sequential, blocked, SIMD width), i.e. on the
+    CPU.  Summed in float64 the statistics are exact to ~S * 2^-53 (< 1e-9 for any 3D patch) on
+    every CPU, so the only float32 error left is the rounding of the centring, of ``scale`` and
+    ``shift`` and of the fused output pass: |error| <= 4 u (|x - mean| |scale| + |shift| +
+    |out|), u = 2^-24 (derived in tests/test_network.py, which checks it).
+    Two passes (mean, then the centred squares) keep near-constant channels with a large mean
+    (air in CT) exact, where E[x^2] - E[x]^2 would cancel.  Blocks of S bound the transient
+    float64 copies to 16 MiB whatever the tile.
+    """
+    n, s, c = v.shape
+    step = max(1, _STAT_BLOCK // max(1, n * c))
+    total = v.new_zeros((n, 1, c), dtype=torch.float64)
+    for start in range(0, s, step):
+        total += v[:, start : start + step].sum(dim=1, keepdim=True, dtype=torch.float64)
+    mean = total / s
+    squares = torch.zeros_like(total)
+    for start in range(0, s, step):
+        centred = v[:, start : start + step].to(torch.float64) - mean
+        squares += (centred * centred).sum(dim=1, keepdim=True)
+    return mean, squares / s
 
 _NORM = {2: nn.InstanceNorm2d, 3: InstanceNorm3d}
 

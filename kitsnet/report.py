@@ -39,7 +39,7 @@ _NAN = float("nan")
 # Table 1 of Y. George, "A Coarse-to-Fine 3D U-Net Network for Semantic Segmentation of Kidney CT
 # Scans", Kidney and Kidney Tumor Segmentation (KiTS 2021), LNCS 13168, pp. 137-142, Springer 2022,
 # doi:10.1007/978-3-030-98385-7_18: "Average 5-fold performance measures for the trained U-Net
-# models", transcribed from the paper's text (../shared/paper/, Table 1; the abstract repeats the
+# models", transcribed from the paper's text (Table 1; the abstract repeats the
 # cascade's Dice).  The paper's "Cyst" column is KiTS21's hierarchical "masses" region (tumour +
 # cyst): its values lie between kidney and tumour, as only masses can.  SD = Surface Dice.
 PAPER_TABLE1: dict[str, dict[str, float]] = {

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from .device import amp_dtype
+
 
 def compute_steps(image_size: list[int], patch: list[int], step: float) -> list[list[int]]:
     """Tile starts per axis: as few tiles as needed for a step of at most ``step`` x patch,
@@ -130,6 +132,9 @@ def sliding_window(
     # layout (see kitsnet.network.InstanceNorm3d).  GPUs and 2D: unchanged.
     channels_last = dev.type == "cpu" and dim == 3
     logits = torch.zeros((num_classes, *size), dtype=torch.float32, device=dev)
+    # autocast as training on this device (bf16 where the GPU has it, fp16 on older GPUs such
+    # as the paper's V100s, which have no fast bf16); the sums stay float32.  CPU: float32.
+    amp = amp_dtype(dev)
     for b in range(0, len(starts), tile_batch):
         chunk = starts[b : b + tile_batch]
         sl = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in chunk]
@@ -138,8 +143,7 @@ def sliding_window(
             x = _channels_last(x)
         pred = torch.zeros((len(chunk), num_classes, *patch), dtype=torch.float32, device=dev)
         for net in networks:
-            # bf16 autocast on a GPU (as training); the sums stay float32.  CPU: float32.
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                 out = net(x)
             _unmirror_sum(out.float().contiguous(), flips, pred)
         pred.mul_(tile_weight)

@@ -5,66 +5,215 @@ import tomllib
 from pathlib import Path
 
 import yaml
-from snakemake.utils import min_version, update_config, validate
+from snakemake.settings.types import DeploymentMethod
+from snakemake.sourcecache import LocalSourceFile
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
+def workflow_checkout():
+    """The folder of this workflow's source when it is a local folder (a checkout, or an export
+    of a tag), else None (a module read from Git through Snakemake's source cache)."""
+    basedir = workflow.current_basedir  # rules/
+    if isinstance(basedir, LocalSourceFile):
+        return Path(basedir.get_path_or_uri(secret_free=True)).parent
+    return None
+
+
 def check_kitsnet_version():
-    """kitsnet is the installed package (pip install -e '.[workflow]' in a checkout; pinned to the
-    workflow's release tag in envs/*.yaml and in a module deployment), never this folder on
+    """kitsnet is the installed package (pip install -e '.[workflow]' in a checkout; beside a
+    module deployment, the package of the release the module names), never this folder on
     sys.path.  It must be the release this workflow belongs to, or plans and arrays written
-    by one version would be read by another."""
+    by one version would be read by another.  Returns pyproject.toml's [project] table and the
+    folder of the kitsnet source the step environments get: the workflow's own kitsnet/ (a
+    checkout, local edits included), or, where the workflow is read from Git and has no
+    folder, the installed package just checked."""
     with open(workflow.source_path("../pyproject.toml"), "rb") as fh:
         project = tomllib.load(fh)["project"]
-    wanted, repository = project["version"], project["urls"]["Repository"]
+    wanted = project["version"]
     install = (
-        "pip install -e '.[workflow]' in a checkout of the workflow, or "
-        f"pip install 'kitsnet[workflow] @ git+{repository}@v{wanted}'"
+        "pip install -e '.[workflow]' in a checkout of the workflow (for a module deployment, "
+        f"a checkout of its release, tag v{wanted})"
     )
     try:
         import kitsnet
     except ImportError as err:
         raise WorkflowError(f"kitsnet is not installed ({err}): {install}")
+    installed = Path(kitsnet.__file__).resolve().parent
     if kitsnet.__version__ != wanted:
         raise WorkflowError(
             f"this workflow is kitsnet {wanted}, but the installed kitsnet is "
-            f"{kitsnet.__version__} ({os.path.dirname(kitsnet.__file__)}).  Install the "
-            f"matching release: {install}"
+            f"{kitsnet.__version__} ({installed}).  Install the matching release: {install}"
         )
+    checkout = workflow_checkout()
+    if checkout and (checkout / "kitsnet" / "__init__.py").is_file():
+        return project, (checkout / "kitsnet").resolve()
+    return project, installed
 
 
-check_kitsnet_version()
+# Step environments (--use-conda): envs/*.yaml pin the third-party packages; kitsnet comes from
+# the workflow's own source that runs here (kitsnet/source.py explains the mechanism).  Why not
+# the environment files as they are: Snakemake 9.27 names an environment by a hash of its file
+# and of envs/<name>.post-deploy.sh (deployment/conda.py, Env._get_hash), never of the code a
+# post-deploy script would install, so a static script installing kitsnet would leave an
+# environment holding old kitsnet code after an edit.  So, at parse time, a copy of each file
+# and a post-deploy script naming a wheel of the source and its fingerprint are written under
+# the working directory's .snakemake/kitsnet/<fingerprint>/: new code, new hash, new
+# environment; and a job checks that its kitsnet is that source (KITSNET_WORKFLOW_SOURCE).
+# A rule's conda: is step_env("<name>"), an absolute path computed at parse time (Snakemake
+# reads it as a local file, also in a module deployment; a relative path would point into the
+# workflow's source).  A callable conda: would work too (rules.py, expand_conda_env) but is
+# called per job; the files are the same for every job.
+KITSNET_PROJECT, KITSNET_SOURCE = check_kitsnet_version()
+from kitsnet.source import ENV_VAR as SOURCE_ENV_VAR
+from kitsnet.source import fingerprint as source_fingerprint
+from kitsnet.source import read_package, write_step_environment, write_wheel
+
+_KITSNET_FILES = read_package(KITSNET_SOURCE)
+KITSNET_FINGERPRINT = source_fingerprint(_KITSNET_FILES)
+STEP_ENV_DIR = Path(".snakemake", "kitsnet", KITSNET_FINGERPRINT[:16]).absolute()
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    # for the jobs' `import kitsnet` (kitsnet.source.check_environment); cluster jobs parse the
+    # workflow again, so they set it too
+    os.environ[SOURCE_ENV_VAR] = KITSNET_FINGERPRINT
+_STEP_ENVS = {}
+
+
+def step_env(name):
+    """The conda: of a rule: envs/<name>.yaml, with this workflow's kitsnet (see above)."""
+    if name not in _STEP_ENVS:
+        with open(workflow.source_path(f"../envs/{name}.yaml")) as fh:
+            pins = fh.read()
+        if not _STEP_ENVS:
+            _STEP_ENVS[None] = write_wheel(
+                STEP_ENV_DIR, _KITSNET_FILES, KITSNET_PROJECT
+            )
+        _STEP_ENVS[name] = str(
+            write_step_environment(
+                STEP_ENV_DIR,
+                name,
+                pins,
+                _STEP_ENVS[None],
+                KITSNET_FINGERPRINT,
+                origin=str(KITSNET_SOURCE),
+            )
+        )
+    return _STEP_ENVS[name]
+
+
 from kitsnet.dataset import list_cases, check_case_id, check_layout, label_name_of
 from kitsnet.plan import DATA_OF, PREVIOUS_STAGE
 
-# The settings: the files of a preset from this workflow's config/ folder (found beside the
-# Snakefile, not in the working directory, so --directory works), then the user's --configfile
-# and --config on top.  The preset is a key, so an extra --configfile cannot silently switch
-# the paper's run (the profile's `config: preset=paper`) back to the demo.
+import sys
+
+from kitsnet.settings import ConfigError, assemble_settings, check_settings
+from kitsnet.settings import choose_preset, fit_resources, missing_data_root
+from kitsnet.settings import resolve_data_root, setting_origin, shown_path
+
+# The settings (kitsnet/settings.py): a preset's files from this workflow's config/ (beside the
+# Snakefile, so --directory works), then the user's --configfile and --config on top.  The preset
+# is a key, so an extra --configfile cannot switch the paper's run back to the demo.
 PRESETS = {
     "demo": ["config/config.yaml"],
     "paper": ["config/config.yaml", "config/kits21.yaml"],
 }
+CONFIG_SCHEMA = "config/schema.yaml"
+# The folder snakemake was started in, handed to the jobs that re-read this file (SLURM jobs,
+# which start in the working directory) so that they resolve a relative data_root as it was.
+LAUNCH_DIR_VARIABLE = "KITSNET_LAUNCH_DIR"
 
 
-def assemble_config(user):
-    preset = user.get("preset", "demo")
-    if preset not in PRESETS:
-        raise WorkflowError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
-    merged = {}
+def checked(function, *args):
+    """``function(*args)`` of kitsnet.settings, its ConfigError raised as Snakemake's
+    WorkflowError: the message's few lines, without kitsnet's part of the traceback."""
+    try:
+        return function(*args)
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
+
+
+def find_launch_dir() -> str | None:
+    """The folder the user started snakemake in, against which a relative data_root is read.
+
+    With ``--directory DIR`` Snakemake changes into DIR before it reads this file, so the
+    current folder is not where the user is (README: outputs on scratch, data beside the
+    checkout).  Snakemake's API keeps the folder it left (its WorkdirHandler's ``olddir``) and
+    nothing else does: found on the call stack, else the shell's $PWD.  A job that Snakemake
+    spawned reads the folder its main process found.  None: unknown.
+    """
+    if workflow.remote_exec or workflow.subprocess_exec:
+        if os.environ.get(LAUNCH_DIR_VARIABLE):
+            return os.environ[LAUNCH_DIR_VARIABLE]
+    if workflow.overwrite_workdir is None:
+        return os.getcwd()
+    frame = sys._getframe()
+    while frame is not None:
+        handler = getattr(frame.f_locals.get("self"), "_workdir_handler", None)
+        if getattr(handler, "olddir", None):
+            return str(handler.olddir)
+        frame = frame.f_back
+    pwd = os.environ.get("PWD")
+    return pwd if pwd and os.path.isdir(pwd) else None
+
+
+LAUNCH_DIR = find_launch_dir()
+if LAUNCH_DIR:
+    os.environ[LAUNCH_DIR_VARIABLE] = LAUNCH_DIR
+
+
+def user_config_sources() -> list[tuple[str, dict]]:
+    """(label, settings) of each source of the user's settings, lowest precedence first: the
+    config files (--configfile, or a module deployment's configfile:), then --config (from the
+    command line or a profile).  Snakemake merged them into `config` before this file runs, but
+    an error message should name the one that set the faulty key."""
+    sources = []
+    given = {os.path.abspath(p) for p in workflow.config_settings.configfiles}
+    for path in workflow.configfiles:
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        flag = "--configfile" if os.path.abspath(path) in given else "configfile"
+        sources.append((f"{flag} {shown_path(path, LAUNCH_DIR)}", data))
+    if workflow.config_settings.config:
+        sources.append(("--config", dict(workflow.config_settings.config)))
+    return sources
+
+
+def preset_files(preset: str) -> list[tuple[str, dict]]:
+    """(name, settings) of each file of ``preset``, in the order they are layered."""
+    files = []
     for name in PRESETS[preset]:
         with open(workflow.source_path(f"../{name}")) as fh:
-            update_config(merged, yaml.safe_load(fh))
-    update_config(merged, user)
-    merged["preset"] = preset
-    return merged
+            files.append((name, yaml.safe_load(fh) or {}))
+    return files
 
 
-_assembled = assemble_config(copy.deepcopy(config))
+def assemble_config(user: dict) -> dict:
+    """The run's settings: the preset's files, then the user's (kitsnet.settings)."""
+    preset = choose_preset(user, PRESETS)
+    return assemble_settings(preset, [s for _, s in preset_files(preset)], user)
+
+
+def origin_of(keys: list) -> str:
+    """Which source set config key path ``keys``: the user's last that does, else the preset's."""
+    preset = config["preset"]
+    return setting_origin(keys, USER_SOURCES, preset, preset_files(preset))
+
+
+USER_SOURCES = user_config_sources()
+_assembled = checked(assemble_config, copy.deepcopy(config))
 config.clear()
 config.update(_assembled)
-validate(config, "../config/schema.yaml")
+if not workflow.modifier.skip_validation:
+    with open(workflow.source_path(f"../{CONFIG_SCHEMA}")) as _fh:
+        _schema = yaml.safe_load(_fh)
+    checked(check_settings, config, _schema, origin_of, CONFIG_SCHEMA)
+# per-job requests within the run's --resources
+_limits = {n: r.value for n, r in dict(workflow.global_resources).items()}
+checked(fit_resources, config, _limits)
 
 CONFIGS = list(config["configurations"])
 FOLDS = list(range(int(config["folds"])))
@@ -83,8 +232,21 @@ LABEL_NAME = label_name_of(DATASET)
 # repository); the imaging is downloaded and the labels copied to results/data/<dataset>, which
 # the rest of the workflow reads.  Nothing is written into data_root.
 FETCH = bool(config.get("fetch_imaging")) and DATASET != "synthetic"
-LABEL_ROOT = config["data_root"]
-DATA_ROOT = f"results/data/{DATASET}" if FETCH else config["data_root"]
+
+
+def missing_data_root_error(root: str) -> WorkflowError:
+    """The error for a data_root that is not a folder (kitsnet.settings.missing_data_root)."""
+    text = missing_data_root(root, config, DATASET, FETCH, LAUNCH_DIR, origin_of)
+    return WorkflowError(text)
+
+
+# A real data root is an absolute path from here on; synthetic data stays under results/.
+LABEL_ROOT = (
+    config["data_root"]
+    if SYNTHETIC
+    else checked(resolve_data_root, config["data_root"], LAUNCH_DIR, origin_of)
+)
+DATA_ROOT = f"results/data/{DATASET}" if FETCH else LABEL_ROOT
 for _cfg in CONFIGS:
     _prev = PREVIOUS_STAGE.get(_cfg)
     if _prev and _prev not in CONFIGS:
@@ -98,7 +260,7 @@ def discover_cases():
         return [f"case_{i:05d}" for i in range(int(SYNTHETIC["cases"]))]
     if FETCH:
         if not os.path.isdir(LABEL_ROOT):
-            raise WorkflowError(f"data_root: {LABEL_ROOT!r} is missing or not a folder")
+            raise missing_data_root_error(LABEL_ROOT)
         cases = [
             c
             for c in list_cases(LABEL_ROOT)
@@ -111,7 +273,7 @@ def discover_cases():
             )
         return cases
     if not os.path.isdir(DATA_ROOT):
-        raise WorkflowError(f"data_root: {DATA_ROOT!r} is missing or not a folder")
+        raise missing_data_root_error(DATA_ROOT)
     # names and stat() only, so a broken layout stops the workflow before any job; the
     # validate_dataset rule reads every volume
     problems = check_layout(DATA_ROOT, folds=len(FOLDS), label_name=LABEL_NAME)

@@ -10,7 +10,7 @@ if SYNTHETIC:
         benchmark:
             "results/benchmarks/synth/synth.tsv"
         conda:
-            "../envs/torch.yaml"
+            step_env("torch")
         params:
             out=lambda w, output: data_root_of(output.images),
             cases=int(SYNTHETIC["cases"]),
@@ -36,7 +36,7 @@ if FETCH:
         log:
             "results/logs/fetch_imaging/{case}.log",
         conda:
-            "../envs/torch.yaml"
+            step_env("torch")
         params:
             dataset=DATASET,
             base_url=config.get("fetch_base_url"),
@@ -56,7 +56,7 @@ rule validate_dataset:
     benchmark:
         "results/benchmarks/validate_dataset/validate_dataset.tsv"
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     resources:
         mem_mb=step_resource("fingerprint", "mem_mb", 4000),
         runtime=step_resource("fingerprint", "runtime", 60),

@@ -11,7 +11,7 @@ rule evaluate:
     benchmark:
         "results/benchmarks/evaluate/{config}_fold{fold}.tsv"
     conda:
-        "../envs/evaluate.yaml"
+        step_env("evaluate")
     threads: config.get("evaluation", {}).get("jobs", 1)
     resources:
         mem_mb=step_resource("evaluate", "mem_mb", 4000),

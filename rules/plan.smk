@@ -11,7 +11,7 @@ rule fingerprint:
     benchmark:
         "results/benchmarks/fingerprint/fingerprint.tsv"
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     resources:
         mem_mb=step_resource("fingerprint", "mem_mb", 4000),
         runtime=step_resource("fingerprint", "runtime", 60),
@@ -28,7 +28,7 @@ rule plan:
     log:
         "results/logs/plan/{config}.log",
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     params:
         cfg=lambda w: {"plan": config["plan"]},
     script:
@@ -44,7 +44,7 @@ rule splits:
     log:
         "results/logs/splits/splits.log",
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     params:
         cases=CASES,
         folds=len(FOLDS),

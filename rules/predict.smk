@@ -14,7 +14,7 @@ rule predict_lowres:
     wildcard_constraints:
         config="3d_lowres",
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     threads: threads_for_training()
     resources:
         **gpu_job_resources("predict"),
@@ -40,7 +40,7 @@ rule predict:
     wildcard_constraints:
         config="2d|3d_fullres|3d_cascade_fullres|3d_cascade_roi",
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     threads: threads_for_training()
     resources:
         **gpu_job_resources("predict"),

@@ -13,7 +13,7 @@ rule preprocess:
     benchmark:
         "results/benchmarks/preprocess/{data}_{case}.tsv"
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     resources:
         mem_mb=step_resource("preprocess", "mem_mb", 4000),
         runtime=step_resource("preprocess", "runtime", 30),
@@ -36,7 +36,7 @@ rule crop_roi:
     wildcard_constraints:
         config="|".join(ROI_CONFIGURATIONS),
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     resources:
         mem_mb=step_resource("preprocess", "mem_mb", 4000),
         runtime=step_resource("preprocess", "runtime", 30),

@@ -27,7 +27,7 @@ rule table1:
     log:
         "results/logs/table1/table1.log",
     conda:
-        "../envs/report.yaml"
+        step_env("report")
     params:
         configs=CONFIGS,
         folds=FOLDS,
@@ -60,7 +60,7 @@ rule figures:
     log:
         "results/logs/figures/figures.log",
     conda:
-        "../envs/report.yaml"
+        step_env("report")
     params:
         configs=CONFIGS,
         n_cases=config.get("report", {}).get("figure_cases", 3),
@@ -86,7 +86,7 @@ rule compute_cost:
     log:
         "results/logs/compute_cost/compute_cost.log",
     conda:
-        "../envs/report.yaml"
+        step_env("report")
     params:
         configs=CONFIGS,
         folds=FOLDS,

@@ -19,7 +19,7 @@ rule train:
     benchmark:
         "results/benchmarks/train/{config}_fold{fold}.tsv"
     conda:
-        "../envs/torch.yaml"
+        step_env("torch")
     threads: threads_for_training()
     resources:
         **gpu_job_resources("train"),
@@ -50,7 +50,7 @@ rule training_curves:
     log:
         "results/logs/training_curves/training_curves.log",
     conda:
-        "../envs/report.yaml"
+        step_env("report")
     params:
         configs=CONFIGS,
         folds=FOLDS,

@@ -318,6 +318,7 @@ def test_intensity_transforms_match_nnunet() -> None:
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_shapes_and_determinism() -> None:
     image = _smooth_volume((2, 1, 24, 24, 24)).cuda()

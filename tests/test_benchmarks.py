@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 QUICK = ["preprocess", "export", "sliding_window", "augment", "evaluate", "memory", "cascade_roi"]
 FIELDS = {"name", "kitsnet_s", "peer_s", "ratio", "runs", "kitsnet_peak_mb", "peer_peak_mb"}
 HAS_PEER = importlib.util.find_spec("nnunetv2") is not None

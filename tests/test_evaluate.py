@@ -1,8 +1,9 @@
 """Tests for kitsnet.evaluate: the KiTS21 definition, exactness of the fast path, errors, CLI.
 
-The real-data tests use ../shared/kits21_labels (12 KiTS21 cases: MAJ reference, AND and OR
-aggregations as imperfect "predictions") and compare ``kitsnet evaluate`` with a literal
-whole-volume surface-distance computation of the official definition on all 24 pairs.
+The real-data tests use the label maps of a KiTS21 clone that $KITSNET_KITS21_LABELS points at
+(12 cases in CI: MAJ reference, AND and OR aggregations as imperfect "predictions") and compare
+``kitsnet evaluate`` with a literal whole-volume surface-distance computation of the official
+definition on all 24 pairs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import scipy.ndimage
 
 from kitsnet import evaluate as ev
+from kitsnet.dataset import label_maps_from_env
 from kitsnet.evaluate import (
     HEC_LABELS,
     METRIC_COLUMNS,
@@ -36,7 +38,7 @@ from kitsnet.evaluate import (
 )
 from kitsnet.io import KitsnetError, save_volume
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "kits21_labels"
+MAPS, NO_MAPS = label_maps_from_env()  # $KITSNET_KITS21_LABELS (see kitsnet.dataset)
 CASES = [
     "case_00003",
     "case_00026",
@@ -54,10 +56,12 @@ CASES = [
 AGGREGATIONS = ["AND", "OR"]
 EXACT = 1e-9  # the issue's bound; observed differences are a few ulps
 
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(),
-    reason=f"shared KiTS21 label maps not found at {DATA} (clone sits beside shared/)",
-)
+needs_data = pytest.mark.skipif(not MAPS, reason=NO_MAPS)
+
+
+def _map(case: str, agg: str) -> Path:
+    """The real label map of ``case`` aggregated as ``agg`` (MAJ: the reference)."""
+    return MAPS[case][agg]
 
 
 def _write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Path:
@@ -435,29 +439,29 @@ def test_evaluate_pairs_reports_the_failing_case_from_a_worker(tmp_path):
 
 
 @needs_data
-def test_every_shared_pair_is_covered():
-    found = sorted(p.name for p in DATA.glob("case_*_*.nii.gz"))
-    expected = sorted(f"{c}_{a}.nii.gz" for c in CASES for a in ["MAJ", *AGGREGATIONS])
+def test_every_real_pair_is_covered():
+    found = sorted(f"{c}_{a}" for c, aggs in MAPS.items() for a in aggs)
+    expected = sorted(f"{c}_{a}" for c in CASES for a in ["MAJ", *AGGREGATIONS])
     assert found == expected
 
 
 @pytest.fixture(scope="module")
 def real_scores(tmp_path_factory) -> dict[str, tuple[pd.DataFrame, dict[str, dict]]]:
-    """``kitsnet evaluate`` (via the CLI) and the literal reference on all 24 shared pairs.
+    """``kitsnet evaluate`` (via the CLI) and the literal reference on all 24 real pairs.
 
     Predictions and references are linked into the layouts the CLI expects (flat prediction
     folders, KiTS21 case folders for the reference); the files themselves are never copied.
     """
-    if not DATA.is_dir():
-        pytest.skip(f"shared KiTS21 label maps not found at {DATA}")
+    if not MAPS:
+        pytest.skip(NO_MAPS)
     root = tmp_path_factory.mktemp("kits21_real")
     for case in CASES:
         ref_link = root / "ref" / case / "aggregated_MAJ_seg.nii.gz"
         ref_link.parent.mkdir(parents=True)
-        ref_link.symlink_to(DATA / f"{case}_MAJ.nii.gz")
+        ref_link.symlink_to(_map(case, "MAJ"))
         for agg in AGGREGATIONS:
             (root / agg).mkdir(exist_ok=True)
-            (root / agg / f"{case}.nii.gz").symlink_to(DATA / f"{case}_{agg}.nii.gz")
+            (root / agg / f"{case}.nii.gz").symlink_to(_map(case, agg))
 
     jobs = os.cpu_count() or 1
     fast = {}
@@ -471,14 +475,15 @@ def real_scores(tmp_path_factory) -> dict[str, tuple[pd.DataFrame, dict[str, dic
     for case in CASES:
         for agg in AGGREGATIONS:
             names.append(f"{case}_{agg}")
-            preds.append(DATA / f"{case}_{agg}.nii.gz")
-            refs.append(DATA / f"{case}_MAJ.nii.gz")
+            preds.append(_map(case, agg))
+            refs.append(_map(case, "MAJ"))
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         reference = {row["case"]: row for row in pool.map(reference_score_case, names, preds, refs)}
     return {agg: (fast[agg], reference) for agg in AGGREGATIONS}
 
 
 @needs_data
+@pytest.mark.slow  # the official whole-volume computation of 24 real pairs: minutes
 @pytest.mark.parametrize("agg", AGGREGATIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_kitsnet_evaluate_equals_official_definition_on_real_pair(real_scores, case, agg):
@@ -494,11 +499,11 @@ def test_kitsnet_evaluate_equals_official_definition_on_real_pair(real_scores, c
 
 @pytest.fixture(scope="module")
 def case_00287() -> tuple[np.ndarray, tuple[float, float, float]]:
-    if not DATA.is_dir():
-        pytest.skip(f"shared KiTS21 label maps not found at {DATA}")
+    if not MAPS:
+        pytest.skip(NO_MAPS)
     from kitsnet.io import load_volume
 
-    vol = load_volume(DATA / "case_00287_MAJ.nii.gz")
+    vol = load_volume(_map("case_00287", "MAJ"))
     assert set(np.unique(vol.array)) == {0, 1, 2, 3}
     return vol.array, vol.spacing
 
@@ -543,7 +548,7 @@ def test_nibabel_axis_order_matches_official_simpleitk_reading():
     """The official code reads with SimpleITK and reverses GetSpacing(); our nibabel arrays with
     header zooms in the same order must give the same numbers."""
     sitk = pytest.importorskip("SimpleITK")
-    pred_path, ref_path = DATA / "case_00287_OR.nii.gz", DATA / "case_00287_MAJ.nii.gz"
+    pred_path, ref_path = _map("case_00287", "OR"), _map("case_00287", "MAJ")
     img_pred, img_ref = sitk.ReadImage(str(pred_path)), sitk.ReadImage(str(ref_path))
     spacing = list(img_pred.GetSpacing())[::-1]
     official = reference_score_arrays(

@@ -19,6 +19,9 @@ from test_train import NO_AUG, TRAINING, _plan, _tiny_preprocessed
 
 from kitsnet.train import CHECKPOINT, PREVIOUS_CHECKPOINT, load_checkpoint, train_fold
 
+# Real training processes killed and rerun: ~30 s in all.
+pytestmark = pytest.mark.slow
+
 EPOCHS = 4
 # checkpoints after epochs 1 and 3 only, so a kill in epoch 2 or 3 loses work that is redone
 SETTINGS = dict(TRAINING, epochs=EPOCHS, iterations_per_epoch=3, checkpoint_every=2)

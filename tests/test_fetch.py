@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +20,7 @@ import pytest
 
 from kitsnet.cli import main
 from kitsnet.fetch import fetch, parse_cases, verify_image
+from kitsnet.fetch_http import PROXY_VARIABLES
 from kitsnet.io import KitsnetError
 
 FAST = {"backoff": 0.01, "timeout": 5.0, "progress": False}
@@ -35,7 +40,8 @@ class FakeHub:
     ``faults[path]`` is a queue consumed one per GET: ``"cut"`` (half the body, then close),
     ``"stall"`` (half the body, then silence), ``"corrupt"`` (one byte flipped, same length),
     ``"full"`` (ignore Range, answer 200 with the whole file), ``"noise"`` (200 with an HTML
-    body), or an int status (503, 429...).  ``/redirect/...`` answers 302 to ``/...``.
+    body), an absolute URL (302 to it), or an int status (503, 429...).  ``/redirect/...``
+    answers 302 to ``/...``.
     """
 
     def __init__(self, files: dict[str, bytes]) -> None:
@@ -58,6 +64,8 @@ class FakeHub:
             fault = self.faults[path].pop(0) if self.faults.get(path) else None
         if path.startswith("/redirect/"):  # like HF's resolve/ URLs, which send to a CDN
             return self.reply(h, 302, b"", {"Location": path.removeprefix("/redirect")})
+        if isinstance(fault, str) and fault.startswith("http"):  # to a CDN elsewhere
+            return self.reply(h, 302, b"", {"Location": fault})
         data = self.files.get(path)
         if isinstance(fault, int):
             return self.reply(h, fault, b"busy", {"Retry-After": "0"})
@@ -313,7 +321,7 @@ def test_missing_case_is_named_others_succeed_and_cli_exits_nonzero(hub, tmp_pat
     assert "FAILED case_00001" in captured.out
     assert len(fake.gets("/images/case_00001.nii.gz")) == 1  # a 404 is not retried
     assert image(tmp_path, 0).exists() and image(tmp_path, 2).exists()
-    assert not image(tmp_path, 1).parent.joinpath(".imaging.nii.gz.part").exists()
+    assert not image(tmp_path, 1).parent.exists()  # no empty case folder left behind
 
 
 def test_rerun_after_success_transfers_nothing(hub, tmp_path, capsys):
@@ -362,3 +370,123 @@ def test_parse_cases_reads_ranges_and_defaults_to_all():
     for bad in ("x", "5-3", "1-"):
         with pytest.raises(KitsnetError, match="--cases"):
             parse_cases(bad, "kits21")
+
+
+# --- a host that cannot be reached: one message, fast, nothing left behind ------------------
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """No proxy variables, whatever the machine running the tests has set."""
+    for var in PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+
+
+def refused_port() -> int:
+    """A port nothing listens on: bound (so it was free), then closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refused_port_stops_all_300_cases_within_a_minute(no_proxy, tmp_path):
+    port = refused_port()
+    out = tmp_path / "data"
+    argv = ["fetch", "kits21", "--cases", "0-299", "--out", str(out)]
+    argv += ["--base-url", f"http://127.0.0.1:{port}"]
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "kitsnet.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    seconds = time.monotonic() - start
+    assert run.returncode == 1 and seconds <= 60, (seconds, run.stderr[-2000:])
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr  # one message, not 300 failures or retry notes
+    assert f"cannot reach 127.0.0.1:{port} (connection refused)" in lines[0]
+    assert "no proxy" in lines[0] and run.stdout == ""
+    assert not out.exists()  # no case_XXXXX/ folders, and not the --out folder it would make
+
+
+def test_name_that_does_not_resolve_stops_the_run(no_proxy, tmp_path, capsys):
+    start = time.monotonic()
+    rc = main(
+        ["fetch", "kits21", "--out", str(tmp_path), "--base-url", "http://nonexistent.invalid"]
+    )
+    assert rc == 1 and time.monotonic() - start <= 60
+    err = capsys.readouterr().err.strip()
+    assert "cannot reach nonexistent.invalid (name resolution failed" in err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_proxy_is_named_without_its_password(no_proxy, tmp_path, monkeypatch):
+    port = refused_port()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://user:secret@127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    with pytest.raises(KitsnetError) as info:
+        fetch("kits21", tmp_path, "0-9", base_url="https://kits.invalid", **FAST)
+    msg = str(info.value)
+    assert f"its proxy http://user:***@127.0.0.1:{port} failed (connection refused)" in msg
+    assert "HTTPS_PROXY=http://user:***@" in msg and "NO_PROXY=localhost" in msg
+    assert "secret" not in msg
+
+
+def test_unreachable_redirect_target_is_the_host_named(hub, tmp_path):
+    fake, url = hub
+    port = refused_port()
+    cdn = f"http://127.0.0.1:{port}/images/case_00001.nii.gz"
+    fake.faults["/images/case_00001.nii.gz"] = [cdn] * 3
+    with pytest.raises(KitsnetError, match=f"cannot reach 127.0.0.1:{port} ") as info:
+        fetch("kits21", tmp_path, "0-2", base_url=url, jobs=1, **FAST)
+    assert "(1 of 3 cases done)" in str(info.value)
+    assert len(fake.gets("/images/case_00001.nii.gz")) == 3  # two quick re-checks, no more
+    assert fake.gets("/images/case_00002.nii.gz") == []  # no case starts after the verdict
+    assert image(tmp_path, 0).read_bytes() == served(fake, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_00000"]
+
+
+def test_a_host_that_answered_before_gets_the_full_backoff(no_proxy, tmp_path, capsys):
+    class AnswerOnceThenGo(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self.server.socket.close()  # from now on every connection is refused
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), AnswerOnceThenGo)
+    host = f"127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    with pytest.raises(KitsnetError, match=f"cannot reach {host} "):
+        fetch("kits21", tmp_path, "0-3", base_url=f"http://{host}", jobs=1, retries=3, **FAST)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "retry" in ln]
+    assert len(notes) == 3 and "HTTP 503" in notes[0] and "retry 1/3 now" in notes[0]
+    assert "connection refused, retry 3/3 in" in notes[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_retries_are_announced_on_stderr(hub, tmp_path, capsys):
+    fake, url = hub
+    fake.faults["/images/case_00002.nii.gz"] = [503, "cut"]
+    summary = fetch("kits21", tmp_path, "2", base_url=url, retries=2, **FAST)
+    assert summary.ok
+    err = capsys.readouterr().err
+    assert "case_00002: HTTP 503 Service Unavailable" in err and "retry 1/2 now" in err
+    assert "case_00002: connection closed after" in err and "retry 2/2 in 0.0 s" in err
+
+
+def test_a_case_folder_holding_other_files_is_kept_on_failure(hub, tmp_path):
+    fake, url = hub
+    del fake.files["/images/case_00003.nii.gz"]
+    label = image(tmp_path, 3).with_name("aggregated_MAJ_seg.nii.gz")
+    label.parent.mkdir(parents=True)
+    label.write_bytes(b"labels")
+    summary = fetch("kits21", tmp_path, "3", base_url=url, **FAST)
+    assert "404" in summary.failed["case_00003"] and label.read_bytes() == b"labels"

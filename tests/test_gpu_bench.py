@@ -15,8 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("kitsnet train", "nnU-Net train", "kitsnet sliding window", "nnU-Net sliding window")
+pytestmark = pytest.mark.bench
 
 
 def test_gpu_benchmark_smoke_mode(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
 INFERENCE = {"step_size": 0.5, "gaussian_sigma_scale": 0.125, "mirror": True}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.peer, pytest.mark.usefixtures("one_torch_thread")]
 
 
 class _TorchFloat32(types.ModuleType):

@@ -23,6 +23,8 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader  # noqa: 
 
 from kitsnet.loader import PatchSampler, region_size  # noqa: E402
 
+pytestmark = pytest.mark.peer
+
 DRAWS = 4000
 # (shape of the preprocessed case, final patch, rotation in degrees; 2D patches have 2 axes)
 CASES = [

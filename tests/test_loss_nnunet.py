@@ -24,6 +24,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss  # noqa: E40
 
 from kitsnet.loss import deep_supervision_weights, downsample_target, total_loss  # noqa: E402
 
+pytestmark = pytest.mark.peer
+
 SHAPES = [(24, 24, 24), (12, 12, 12), (6, 6, 6), (3, 3, 3)]
 
 

@@ -107,8 +107,11 @@ def test_channels_last_matches_contiguous() -> None:
 
 def test_channels_last_instance_norm_matches_the_exact_norm_in_inference() -> None:
     """CPU inference on channels-last inputs takes InstanceNorm3d's fast path (statistics on the
-    (N, S, C) view, no layout copies); its logits must equal the exact norm's to float32
-    rounding.  Training (gradients needed) keeps F.instance_norm."""
+    (N, S, C) view, no layout copies).  Every norm's output on the network's real activations is
+    within the float32 rounding bound of the float64 norm of the same input (the bound of
+    test_channels_last_instance_norm_statistics_are_accurate), and the logits equal the
+    default path's (F.instance_norm, float32 statistics) to 1e-5.  Training (gradients needed)
+    keeps F.instance_norm."""
     torch.manual_seed(0)
     model = build_network(ARCH_3D, 2, 4).eval()
     model.deep_supervision = False
@@ -124,13 +127,22 @@ def test_channels_last_instance_norm_matches_the_exact_norm_in_inference() -> No
     def spy(m: InstanceNorm3d, args: tuple) -> None:
         fast.append(m._fast_path(args[0]))
 
+    seen: list[tuple[InstanceNorm3d, torch.Tensor, torch.Tensor]] = []
+
+    def record(m: InstanceNorm3d, args: tuple, out: torch.Tensor) -> None:
+        seen.append((m, args[0].clone(), out.clone()))
+
     hooks = [m.register_forward_pre_hook(spy) for m in norms]
     with torch.inference_mode():
         ref = model(x)
         assert fast == [False] * len(norms)  # contiguous input: the exact norm throughout
         fast.clear()
+        hooks += [m.register_forward_hook(record) for m in norms]
         out = model(x_cl)
     assert fast == [True] * len(norms)  # channels-last input: every norm took the fast path
+    for m, inp, got in seen:
+        error, bound = _norm_error_and_bound(inp, got, m.weight, m.bias)
+        assert (error <= bound).all(), f"max error / bound {(error / bound).max().item():.2f}"
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     fast.clear()
     model.train()(x_cl).sum().backward()  # gradients needed: the exact norm again
@@ -139,11 +151,21 @@ def test_channels_last_instance_norm_matches_the_exact_norm_in_inference() -> No
         h.remove()
 
 
-@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (50.0, 3.0), (100.0, 1e-3)])
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (50.0, 3.0), (100.0, 1e-3), (-1000.0, 0.5)])
 def test_channels_last_instance_norm_statistics_are_accurate(mean: float, std: float) -> None:
     """Large means and near-constant channels (air in CT) are where one-pass statistics
-    (E[x^2] - E[x]^2) or long sequential float32 sums drift; the fast path must stay at float32
-    rounding of the float64 norm over 32^3 voxels per channel."""
+    (E[x^2] - E[x]^2) or long float32 sums drift, by an amount that depends on the CPU's
+    reduction kernels.  The fast path sums in float64, so its error is bounded by the float32
+    rounding of its last steps alone, whatever the CPU:
+
+    - the statistics: float64 sums of S = 32^3 float32 values, relative error <= S 2^-53;
+    - centring on m = fl32(mean): v - m is exact or off by u |v - m| (u = 2^-24);
+    - scale = fl32(w / sqrt(var + eps)) (relative u) and shift = fl32(b - (mean - m) scale);
+    - out = fl32(fl32(v - m) * scale + shift): u |(v - m) scale| + u |shift| + u |out|.
+
+    Summed: |out - exact| <= 3u |v - mean| |scale| + u |shift| + u |out| + O(u^2); the test
+    allows 4u of each term, element by element, and the bound itself never exceeds 1e-5 here
+    (the test allowed 2e-5 of absolute error before)."""
     torch.manual_seed(0)
     norm = InstanceNorm3d(8, eps=1e-5, affine=True).eval()
     with torch.no_grad():
@@ -154,11 +176,26 @@ def test_channels_last_instance_norm_statistics_are_accurate(mean: float, std: f
     with torch.inference_mode():
         assert norm._fast_path(x_cl)
         out = norm(x_cl)
-        ref = torch.nn.functional.instance_norm(
-            x.double(), weight=norm.weight.double(), bias=norm.bias.double(), eps=1e-5
-        )
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    error, bound = _norm_error_and_bound(x, out, norm.weight, norm.bias)
+    assert (error <= bound).all(), f"max error / bound {(error / bound).max().item():.2f}"
+    assert bound.max().item() < 1e-5
+
+
+def _norm_error_and_bound(
+    x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|out - exact| against float64 instance_norm of ``x``, and the float32 rounding bound
+    4u (|x - mean| |scale| + |shift| + |exact|) derived in the statistics test."""
+    x64, w, b = x.double(), weight.double().view(1, -1, 1, 1, 1), bias.double()
+    exact = torch.nn.functional.instance_norm(x64, weight=weight.double(), bias=b, eps=eps)
+    u = 2.0**-24
+    mean = x64.mean(dim=(2, 3, 4), keepdim=True)
+    var = x64.var(dim=(2, 3, 4), keepdim=True, unbiased=False)
+    scale = (w / torch.sqrt(var + eps)).abs()
+    shift = b.view(1, -1, 1, 1, 1).abs() + u * mean.abs() * scale
+    bound = 4 * u * ((x64 - mean).abs() * scale + shift + exact.abs())
+    return (out.double() - exact).abs(), bound
 
 
 def test_gradient_step_reduces_loss() -> None:

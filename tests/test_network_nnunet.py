@@ -30,7 +30,7 @@ from kitsnet.plan import CONFIGURATIONS, make_plan  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.peer, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _fingerprint() -> dict:

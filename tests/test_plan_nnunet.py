@@ -3,7 +3,7 @@
 Needs the optional ``peer`` extra; skipped without it.
 
 Plans: nnU-Net's ``ExperimentPlanner`` runs on a dataset fingerprint of real KiTS21 geometry (the
-shapes and spacings of the 12 label maps in ../shared/kits21_labels, read from their headers),
+shapes and spacings of the 12 label maps $KITSNET_KITS21_LABELS points at, read from their headers),
 with the target spacing set to the paper's 0.78125 mm and the paper's widths (30 doubling to
 320 in 3D, 480 in 2D).  Its plans for 2d, 3d_lowres and 3d_fullres -- spacing, patch, batch,
 stages, strides, kernels, batch Dice, and the network it would build -- must equal kitsnet's
@@ -42,17 +42,19 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # 
 from kitsnet.network import build_network  # noqa: E402
 from kitsnet.plan import make_plan, make_splits  # noqa: E402
 
+pytestmark = pytest.mark.peer
+
 PLANNED = ("2d", "3d_lowres", "3d_fullres")
 FI = {"mean": 100.0, "std": 75.0, "percentile_00_5": -50.0, "percentile_99_5": 300.0}
 LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
 
 
 @pytest.fixture(scope="module")
-def geometry(shared_labels) -> dict:
+def geometry(kits21_label_maps) -> dict:
     """Shapes and spacings (nibabel order, slices first) of the real KiTS21 label maps."""
     shapes, spacings = [], []
-    for f in sorted(shared_labels.glob("case_*_MAJ.nii.gz")):
-        header = nib.load(f).header
+    for maps in kits21_label_maps.values():
+        header = nib.load(maps["MAJ"]).header
         shapes.append([int(s) for s in header.get_data_shape()])
         spacings.append([float(z) for z in header.get_zooms()])
     assert len(shapes) == 12

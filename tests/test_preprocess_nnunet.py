@@ -44,6 +44,8 @@ from kitsnet.preprocess import grid_spacing, normalize_ct, preprocess_image  # n
 from kitsnet.resample import resample, resample_labels, separate_z_axis  # noqa: E402
 from kitsnet.synth import generate_case  # noqa: E402
 
+pytestmark = pytest.mark.peer
+
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
 CASES = {"anisotropic": 0, "isotropic": 3}  # synth indices (seed 7): 2.5 mm and 1.5 mm slices

@@ -117,6 +117,7 @@ def test_profile_with_a_configfile_of_only_data_root_plans_the_papers_settings(t
         assert re.search(r"\bgpu=1\b", block), block
 
 
+@pytest.mark.slow  # a dry run of the 300-case DAG: ~30 s
 def test_a_300_case_paper_run_submits_at_most_100_sbatch_jobs(tmp_path):
     """Dry run of the SLURM profile over a 300-case KiTS21 tree: every group job and every
     job outside a group (local rules aside) is one sbatch submission."""
@@ -134,5 +135,6 @@ def test_a_300_case_paper_run_submits_at_most_100_sbatch_jobs(tmp_path):
     local = {"plan", "splits", "table1", "training_curves", "compute_cost"}  # no sbatch
     submissions = len(groups) + len([r for r in single if r not in local])
     assert submissions <= 100, (len(groups), sorted(set(single)))
+    assert submissions == 90  # README: 90 sbatch jobs for results/table1.csv
     assert single.count("train") == 25  # each training its own job, with its GPU
     assert single.count("predict") + single.count("predict_lowres") == 25

@@ -39,14 +39,14 @@ def _inside(box: Box, points: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module", params=REAL_CASES)
-def real_map(request, shared_labels):
+def real_map(request, kits21_label_maps):
     """A real KiTS21 label map standing in for the first stage's segmentation, with its
     spacing (the box arithmetic is the same on any grid)."""
     import nibabel as nib
 
-    path = shared_labels / f"{request.param}_MAJ.nii.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: the real KiTS21 label maps live in ../shared")
+    if request.param not in kits21_label_maps:
+        pytest.skip(f"{request.param} is not among the label maps $KITSNET_KITS21_LABELS holds")
+    path = kits21_label_maps[request.param]["MAJ"]
     img = nib.load(path)
     return request.param, np.asarray(img.dataobj).astype(np.uint8), img.header.get_zooms()
 

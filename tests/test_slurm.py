@@ -34,7 +34,7 @@ SMALL = "synthetic: {cases: 4, seed: 3}\nfolds: 2\n"
 FOLDS = range(5)  # the profile test runs the micro demo as it is: 5 configurations x 5 folds
 LOCAL_RULES = ("plan", "splits", "table1", "training_curves", "compute_cost")
 
-pytestmark = pytest.mark.workflow
+pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,10 @@ def slurm(repo):
             if time.monotonic() - t0 > 1200:
                 pytest.skip(f"another test session has held {SLURM_BASE}.lock for 20 minutes")
             time.sleep(2)
+    # without the test session's unreachable SLURM_CONF (conftest.no_slurm_controller_wait),
+    # for every SLURM command of this module: start_slurm.sh writes the real one to /etc/slurm,
+    # where SLURM's commands look by default
+    session_conf = os.environ.pop("SLURM_CONF", None)
     env = {**os.environ, "SLURM_BASE": SLURM_BASE, "PARTITION": PARTITION}
     scripts = repo / "tests" / "slurm"
     # leftovers of an interrupted session (its lock died with it)
@@ -67,12 +71,16 @@ def slurm(repo):
     )
     if proc.returncode != 0:
         lock.close()
+        if session_conf:
+            os.environ["SLURM_CONF"] = session_conf
         pytest.fail(f"start_slurm.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     try:
         yield SLURM_BASE
     finally:
         subprocess.run(["bash", scripts / "stop_slurm.sh"], env=env, capture_output=True)
         lock.close()
+        if session_conf:
+            os.environ["SLURM_CONF"] = session_conf
 
 
 class Run:

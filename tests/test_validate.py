@@ -317,6 +317,7 @@ def _real_data_config(workdir: Path, root: Path, **extra) -> Path:
     return path
 
 
+@pytest.mark.workflow  # runs the validate_dataset job for real: ~10 s each
 @pytest.mark.parametrize("name", IDS)
 def test_the_workflow_stops_on_bad_data_and_writes_nothing(name, malformed_roots, repo, tmp_path):
     """Problems visible from names alone stop the workflow while it parses; the others stop
@@ -343,22 +344,23 @@ def test_unknown_nested_config_key_is_named(repo, tmp_path):
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("training:\n  epochz: 3\n")
     proc = snakemake(repo, tmp_path, "-n", "--configfile", str(cfg))
-    assert proc.returncode != 0 and "'epochz' was unexpected" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "training.epochz: unknown key" in out, out[-3000:]
 
 
 @pytest.mark.parametrize(
     "args, key",
     [
-        (["--config", "folds=two"], "folds"),
-        (["--config", "seed=-1"], "seed"),
-        (["--config", "configurations=[3d_fullress]"], "configurations"),
+        (["--config", "folds=two"], "folds: 'two' is not valid"),
+        (["--config", "seed=-1"], "seed: -1 is not valid"),
+        (["--config", "configurations=[3d_fullress]"], "configurations[0]: '3d_fullress'"),
     ],
 )
 def test_config_of_the_wrong_type_is_named(repo, tmp_path, args, key):
     proc = snakemake(repo, tmp_path, "-n", *args)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert f"instance['{key}']" in out or f"On instance['{key}']" in out, out[-3000:]
+    assert key in out, out[-3000:]
     assert not (tmp_path / "results").exists()
 
 
