@@ -1,6 +1,7 @@
 import copy
 import math
 import os
+import sys
 import tomllib
 from pathlib import Path
 
@@ -104,9 +105,6 @@ def step_env(name):
 
 from kitsnet.dataset import list_cases, check_case_id, check_layout, label_name_of
 from kitsnet.plan import DATA_OF, PREVIOUS_STAGE
-
-import sys
-
 from kitsnet.settings import ConfigError, assemble_settings, check_settings
 from kitsnet.settings import choose_preset, fit_resources, missing_data_root
 from kitsnet.settings import resolve_data_root, setting_origin, shown_path

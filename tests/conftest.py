@@ -65,16 +65,47 @@ def cube_label(shape=(20, 24, 24), box=(slice(5, 15), slice(6, 18), slice(6, 18)
     return lab
 
 
-def run_workflow(workdir: Path, *args: str, check: bool = True):
-    """Run this repository's Snakefile from ``workdir`` (it finds its config files itself)."""
+def run_workflow(
+    workdir: Path,
+    *args: str,
+    check: bool = True,
+    env: dict | None = None,
+    timeout: float | None = None,
+):
+    """Run this repository's Snakefile from ``workdir`` (it finds its config files itself), as
+    from a shell there ($PWD is ``workdir``; ``env`` on top of this process's environment)."""
+    import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    env = {**os.environ, "PWD": str(workdir), **(env or {})}
+    proc = subprocess.run(
+        cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def kits_tree(root: Path, n: int, missing: str | None = None) -> Path:
+    """``n`` tiny cases in KiTS21's layout, all a dry run reads (names and headers);
+    ``missing``: one file left out (a broken download)."""
+    import nibabel as nib
+
+    from kitsnet.synth import kits_affine
+
+    aff = kits_affine((3.0, 0.8, 0.8))
+    for i in range(n):
+        case = root / f"case_{i:05d}"
+        case.mkdir(parents=True)
+        img = np.full((4, 8, 8), -1000, np.int16)
+        nib.save(nib.Nifti1Image(img, aff), case / "imaging.nii.gz")
+        seg = np.zeros((4, 8, 8), np.uint8)
+        nib.save(nib.Nifti1Image(seg, aff), case / "aggregated_MAJ_seg.nii.gz")
+    if missing:
+        (root / missing).unlink()
+    return root
 
 
 def checkout_state() -> list[str] | None:

@@ -7,46 +7,24 @@ directory's results/."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import REPO
-
-from kitsnet.synth import kits_affine
+from conftest import REPO, kits_tree, run_workflow
 
 # Snakemake's whole output for a config error, header and traceback lines included
 MAX_LINES = 12
 
 
 def _snakemake(launch: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """A dry run of this repository's Snakefile started in ``launch``, as from a shell there
-    (which sets $PWD)."""
+    """A dry run of this repository's Snakefile started in ``launch``, as from a shell there."""
     launch.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", *args]
-    env = {**os.environ, "PWD": str(launch), **(env or {})}
-    return subprocess.run(cmd, cwd=launch, capture_output=True, text=True, timeout=300, env=env)
+    return run_workflow(launch, "-n", *args, check=False, env=env, timeout=300)
 
 
 def _output(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
-
-
-def _kits_tree(root: Path, n: int = 6) -> Path:
-    """``n`` tiny cases in KiTS21's layout (names and headers are all a dry run reads)."""
-    import nibabel as nib
-
-    aff = kits_affine((3.0, 0.8, 0.8))
-    for i in range(n):
-        case = root / f"case_{i:05d}"
-        case.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(np.full((4, 8, 8), -1000, np.int16), aff), case / "imaging.nii.gz")
-        seg = nib.Nifti1Image(np.zeros((4, 8, 8), np.uint8), aff)
-        nib.save(seg, case / "aggregated_MAJ_seg.nii.gz")
-    return root
 
 
 @pytest.mark.parametrize("where", ["nested, --configfile", "top level, --config"])
@@ -140,7 +118,7 @@ def test_a_relative_data_root_is_read_from_the_launch_folder_with_directory(tmp_
     """The README's run on scratch storage, from the folder that holds kits21/ (the paper's
     relative data_root): the data is found there, every output and .snakemake/ go to scratch."""
     launch = tmp_path / "checkout"
-    root = _kits_tree(launch / "kits21" / "kits21" / "data")
+    root = kits_tree(launch / "kits21" / "kits21" / "data", 6)
     before = sorted(launch.rglob("*"))
     scratch = tmp_path / "scratch"
     args = [
@@ -164,7 +142,7 @@ def test_jobs_resolve_data_root_as_the_main_process_did(tmp_path):
     """A job that Snakemake spawns (on SLURM: in the working directory) reads the launch folder
     from KITSNET_LAUNCH_DIR, which the main process sets, instead of its own folder."""
     launch = tmp_path / "checkout"
-    _kits_tree(launch / "kits21" / "kits21" / "data")
+    kits_tree(launch / "kits21" / "kits21" / "data", 6)
     work = tmp_path / "scratch"
     args = ["--mode", "subprocess", "--config", "preset=paper", "--", "results/table1.csv"]
     job = _snakemake(work, *args, env={"KITSNET_LAUNCH_DIR": str(launch)})

@@ -7,39 +7,11 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import REPO
-
-from kitsnet.synth import kits_affine
-
-
-def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """The repository's Snakefile run from ``workdir`` (no copy of config/: the workflow finds
-    its own config files)."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
-
-
-def _kits_tree(root: Path, n: int, missing: str | None = None) -> Path:
-    """``n`` tiny cases in KiTS21's layout; ``missing``: one file left out (a broken download)."""
-    import nibabel as nib
-
-    aff = kits_affine((3.0, 0.8, 0.8))
-    for i in range(n):
-        case = root / f"case_{i:05d}"
-        case.mkdir(parents=True)
-        img = np.full((4, 8, 8), -1000, np.int16)
-        nib.save(nib.Nifti1Image(img, aff), case / "imaging.nii.gz")
-        seg = np.zeros((4, 8, 8), np.uint8)
-        nib.save(nib.Nifti1Image(seg, aff), case / "aggregated_MAJ_seg.nii.gz")
-    if missing:
-        (root / missing).unlink()
-    return root
+from conftest import REPO, kits_tree, run_workflow
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -58,12 +30,12 @@ def _profile_dry_run(tmp_path: Path, root: Path) -> subprocess.CompletedProcess:
     work = tmp_path / "work"
     work.mkdir()
     args = ["-n", "--profile", str(REPO / "slurm"), "--configfile", str(user)]
-    return _snakemake(work, *args, "--", "results/table1.csv")
+    return run_workflow(work, *args, "--", "results/table1.csv", check=False)
 
 
 @pytest.fixture
 def real_root(tmp_path) -> Path:
-    return _kits_tree(tmp_path / "kits21" / "data", 10, missing="case_00003/imaging.nii.gz")
+    return kits_tree(tmp_path / "kits21" / "data", 10, missing="case_00003/imaging.nii.gz")
 
 
 @pytest.mark.parametrize(
@@ -91,7 +63,7 @@ def test_a_real_data_root_with_a_missing_file_is_never_written_to(tmp_path, real
         # a --configfile is layered on the profile's preset=paper
         "profile + --configfile": ["--profile", str(REPO / "slurm"), "--configfile", str(user)],
     }[how]
-    proc = _snakemake(work, *args, "--", "results/table1.csv")
+    proc = run_workflow(work, *args, "--", "results/table1.csv", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     if how == "profile + --configfile":
@@ -103,7 +75,7 @@ def test_a_real_data_root_with_a_missing_file_is_never_written_to(tmp_path, real
 
 
 def test_profile_with_a_configfile_of_only_data_root_plans_the_papers_settings(tmp_path):
-    root = _kits_tree(tmp_path / "data", 10)
+    root = kits_tree(tmp_path / "data", 10)
     proc = _profile_dry_run(tmp_path, root)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -121,7 +93,7 @@ def test_profile_with_a_configfile_of_only_data_root_plans_the_papers_settings(t
 def test_a_300_case_paper_run_submits_at_most_100_sbatch_jobs(tmp_path):
     """Dry run of the SLURM profile over a 300-case KiTS21 tree: every group job and every
     job outside a group (local rules aside) is one sbatch submission."""
-    root = _kits_tree(tmp_path / "data", 300)
+    root = kits_tree(tmp_path / "data", 300)
     proc = _profile_dry_run(tmp_path, root)
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-3000:]

@@ -7,23 +7,19 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import weakref
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
-from test_config_errors import _kits_tree
+from conftest import REPO, kits_tree, run_workflow
 
 PROFILE = REPO / "profiles" / "workstation"
 GiB = 2**30
 
 
 def _dry_run(launch: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", *args]
-    env = {**os.environ, "PWD": str(launch)}
-    return subprocess.run(cmd, cwd=launch, capture_output=True, text=True, timeout=300, env=env)
+    return run_workflow(launch, "-n", *args, check=False, timeout=300)
 
 
 def _jobs(stdout: str) -> list[tuple[str, dict[str, str]]]:
@@ -48,7 +44,7 @@ def test_a_paper_run_on_a_workstation_plans_one_gpu_per_job_within_the_machine(t
     """The README's command with a my.yaml of only data_root: the paper's 25 trainings, each
     asking for the one GPU (so Snakemake runs them one after another), and no job asking for
     more host memory than the machine has (the paper's requests are sized for SLURM nodes)."""
-    root = _kits_tree(tmp_path / "data", 6)
+    root = kits_tree(tmp_path / "data", 6)
     (tmp_path / "my.yaml").write_text(f"data_root: {root}\n")
     args = ["--profile", str(PROFILE), "--configfile", "my.yaml", "--", "results/table1.csv"]
     proc = _dry_run(tmp_path, *args)
