@@ -1,11 +1,9 @@
 """Export: logits on the 0.78 mm fullres grid resampled to the original grid and arg-maxed.
 
-Logits (4, 400, 512, 512) float32 (a large KiTS21 case, 1.6 GiB) back to its original
-(250, 500, 500) grid at 1.25 x 0.8 x 0.8 mm (not anisotropic: linear in all three axes).
-kitsnet: ``infer.logits_to_original`` (slab-wise separable linear + running arg-max); nnU-Net:
-``convert_predicted_logits_to_segmentation_with_correct_shape`` with the planner's default
-probability resampling (order 1) and the same thread count.  Writing the NIfTI is not timed
-(both would use the same writer).  Peak memory includes the logits themselves.
+Logits (4, 400, 512, 512) float32 (a large case, 1.6 GiB) back to its original (250, 500, 500)
+grid at 1.25 x 0.8 x 0.8 mm (linear in all three axes).  kitsnet: ``logits_to_original``;
+nnU-Net: ``convert_predicted_logits_to_segmentation_with_correct_shape`` with its planner's
+default probability resampling and the same thread count.  Writing the NIfTI is not timed.
 """
 
 from __future__ import annotations
@@ -15,13 +13,14 @@ import os
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.common import FULLRES, LABELS, kitsnet_plan, nnunet_plans_manager
+from benchmarks.common import FULLRES, kitsnet_plan
 from benchmarks.common import peer_available as peer_available
 
 NAME = "export"
 GOAL = 3.0
 ORIGINAL_SPACING = [1.25, 0.8, 0.8]
 WHAT = "logits (4,400,512,512) at 0.78 mm -> (250,500,500) at 1.25x0.8x0.8 mm, linear + arg-max"
+PLAN = kitsnet_plan("3d_fullres", FULLRES)
 
 
 def setup(quick: bool) -> dict:
@@ -38,10 +37,10 @@ def setup(quick: bool) -> dict:
 
 
 def run_kitsnet(inputs: dict) -> np.ndarray:
-    from kitsnet.infer import logits_to_original
+    from kitsnet.predict.infer import logits_to_original
 
     geometry = {"original_shape": inputs["original_shape"], "original_spacing": ORIGINAL_SPACING}
-    return logits_to_original(inputs["logits"], geometry, kitsnet_plan(FULLRES))
+    return logits_to_original(inputs["logits"], geometry, PLAN)
 
 
 def run_peer(inputs: dict) -> np.ndarray:
@@ -49,19 +48,17 @@ def run_peer(inputs: dict) -> np.ndarray:
         convert_predicted_logits_to_segmentation_with_correct_shape,
     )
 
-    pm = nnunet_plans_manager("3d_fullres", FULLRES)
+    from tests.reference.nnunet_plans import dataset_json, plans_manager
+
+    pm = plans_manager(PLAN)
     shape = list(inputs["original_shape"])
-    props = {
-        "spacing": ORIGINAL_SPACING,
-        "shape_after_cropping_and_before_resampling": shape,
-        "shape_before_cropping": shape,
-        "bbox_used_for_cropping": [[0, s] for s in shape],
-    }
+    props = {"spacing": ORIGINAL_SPACING, "bbox_used_for_cropping": [[0, s] for s in shape]}
+    props.update(shape_after_cropping_and_before_resampling=shape, shape_before_cropping=shape)
     return convert_predicted_logits_to_segmentation_with_correct_shape(
         inputs["logits"],
         pm,
-        pm.get_configuration("3d_fullres"),
-        pm.get_label_manager({"labels": LABELS}),
+        pm.get_configuration(PLAN["configuration"]),
+        pm.get_label_manager(dataset_json()),
         props,
         num_threads_torch=int(os.environ.get("KITSNET_THREADS", os.cpu_count() or 1)),
     )

@@ -6,10 +6,13 @@ SIDE is ``kitsnet``, ``peer`` or ``check``; prints one JSON line (see ``harness.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from benchmarks.harness import child_measure
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--quick"]
-    print(json.dumps(child_measure(args[0], args[1], "--quick" in sys.argv[1:])))
+    print(json.dumps(child_measure(args[0], args[1], "--quick" in sys.argv[1:])), flush=True)
+    sys.stderr.flush()
+    os._exit(0)  # a worker thread that never ends must not keep the child alive

@@ -18,11 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .io import KitsnetError
+from kitsnet.core.io import KitsnetError
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import make_dataset
+    from kitsnet.data.synth import make_dataset
 
     ids = make_dataset(args.out, args.cases, args.seed)
     print(f"wrote {len(ids)} cases to {args.out}")
@@ -30,7 +30,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .dataset import validate_dataset
+    from kitsnet.data.dataset import validate_dataset
 
     verdict = validate_dataset(args.data_root, folds=args.folds, dataset=args.dataset)
     print(
@@ -41,7 +41,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .infer import predict_images
+    from kitsnet.predict.infer import predict_images
 
     written = predict_images(
         Path(args.models),
@@ -57,7 +57,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from .fetch import fetch
+    from kitsnet.data.fetch import fetch
 
     summary = fetch(
         args.dataset,
@@ -118,7 +118,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    from .plan import CONFIGURATIONS
+    from kitsnet.stages import CONFIGURATIONS, FINAL_MODEL
 
     p = sub.add_parser("predict", help="segment new CT scans with a trained configuration")
     p.add_argument(
@@ -141,7 +141,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--checkpoint",
-        default="model_final.pt",
+        default=FINAL_MODEL,
         metavar="FILE",
         help="checkpoint file name in each fold_k folder (default: %(default)s)",
     )
@@ -156,7 +156,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
-    from .fetch import DEFAULT_BASE_URL
+    from kitsnet.data.fetch import DEFAULT_BASE_URL
 
     p = sub.add_parser(
         "fetch",
@@ -203,8 +203,8 @@ def _add_fetch(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every sub-command (one ``_add_*`` function each, evaluate's in its module)."""
-    from . import __version__
-    from .evaluate import add_cli
+    from kitsnet import __version__
+    from kitsnet.evaluate.folders import add_cli
 
     parser = argparse.ArgumentParser(
         prog="kitsnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

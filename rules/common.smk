@@ -54,7 +54,7 @@ def check_kitsnet_version():
 
 
 # Step environments (--use-conda): envs/*.yaml pin the third-party packages; kitsnet comes from
-# the workflow's own source that runs here (kitsnet/source.py explains the mechanism).  Why not
+# the workflow's own source that runs here (kitsnet/core/source.py explains the mechanism).  Why not
 # the environment files as they are: Snakemake 9.27 names an environment by a hash of its file
 # and of envs/<name>.post-deploy.sh (deployment/conda.py, Env._get_hash), never of the code a
 # post-deploy script would install, so a static script installing kitsnet would leave an
@@ -67,15 +67,15 @@ def check_kitsnet_version():
 # workflow's source).  A callable conda: would work too (rules.py, expand_conda_env) but is
 # called per job; the files are the same for every job.
 KITSNET_PROJECT, KITSNET_SOURCE = check_kitsnet_version()
-from kitsnet.source import ENV_VAR as SOURCE_ENV_VAR
-from kitsnet.source import fingerprint as source_fingerprint
-from kitsnet.source import read_package, write_step_environment, write_wheel
+from kitsnet.core.source import ENV_VAR as SOURCE_ENV_VAR
+from kitsnet.core.source import fingerprint as source_fingerprint
+from kitsnet.core.source import read_package, write_step_environment, write_wheel
 
 _KITSNET_FILES = read_package(KITSNET_SOURCE)
 KITSNET_FINGERPRINT = source_fingerprint(_KITSNET_FILES)
 STEP_ENV_DIR = Path(".snakemake", "kitsnet", KITSNET_FINGERPRINT[:16]).absolute()
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    # for the jobs' `import kitsnet` (kitsnet.source.check_environment); cluster jobs parse the
+    # for the jobs' `import kitsnet` (kitsnet.core.source.check_environment); cluster jobs parse the
     # workflow again, so they set it too
     os.environ[SOURCE_ENV_VAR] = KITSNET_FINGERPRINT
 _STEP_ENVS = {}
@@ -103,13 +103,13 @@ def step_env(name):
     return _STEP_ENVS[name]
 
 
-from kitsnet.dataset import list_cases, check_case_id, check_layout, label_name_of
-from kitsnet.plan import DATA_OF, PREVIOUS_STAGE
-from kitsnet.settings import ConfigError, assemble_settings, check_settings
-from kitsnet.settings import choose_preset, fit_resources, missing_data_root
-from kitsnet.settings import resolve_data_root, setting_origin, shown_path
+from kitsnet.data.dataset import list_cases, check_case_id, check_layout, label_name_of
+from kitsnet.stages import DATA_OF, PREVIOUS_STAGE
+from kitsnet.core.settings import ConfigError, assemble_settings, check_settings
+from kitsnet.core.settings import choose_preset, fit_resources, missing_data_root
+from kitsnet.core.settings import resolve_data_root, setting_origin, shown_path
 
-# The settings (kitsnet/settings.py): a preset's files from this workflow's config/ (beside the
+# The settings (kitsnet/core/settings.py): a preset's files from this workflow's config/ (beside the
 # Snakefile, so --directory works), then the user's --configfile and --config on top.  The preset
 # is a key, so an extra --configfile cannot switch the paper's run back to the demo.
 PRESETS = {
@@ -123,7 +123,7 @@ LAUNCH_DIR_VARIABLE = "KITSNET_LAUNCH_DIR"
 
 
 def checked(function, *args):
-    """``function(*args)`` of kitsnet.settings, its ConfigError raised as Snakemake's
+    """``function(*args)`` of kitsnet.core.settings, its ConfigError raised as Snakemake's
     WorkflowError: the message's few lines, without kitsnet's part of the traceback."""
     try:
         return function(*args)
@@ -190,7 +190,7 @@ def preset_files(preset: str) -> list[tuple[str, dict]]:
 
 
 def assemble_config(user: dict) -> dict:
-    """The run's settings: the preset's files, then the user's (kitsnet.settings)."""
+    """The run's settings: the preset's files, then the user's (kitsnet.core.settings)."""
     preset = choose_preset(user, PRESETS)
     return assemble_settings(preset, [s for _, s in preset_files(preset)], user)
 
@@ -233,7 +233,7 @@ FETCH = bool(config.get("fetch_imaging")) and DATASET != "synthetic"
 
 
 def missing_data_root_error(root: str) -> WorkflowError:
-    """The error for a data_root that is not a folder (kitsnet.settings.missing_data_root)."""
+    """The error for a data_root that is not a folder (kitsnet.core.settings.missing_data_root)."""
     text = missing_data_root(root, config, DATASET, FETCH, LAUNCH_DIR, origin_of)
     return WorkflowError(text)
 
@@ -429,9 +429,9 @@ def prediction_inputs(wildcards):
     return inputs
 
 
-# The ROI configurations (kitsnet.roi): the fullres cases cropped to the region the previous
+# The ROI configurations (kitsnet.preprocess.roi): the fullres cases cropped to the region the previous
 # stage found, one folder per case (one item per box) written by rule crop_roi.
-from kitsnet.plan import ROI_CONFIGURATIONS
+from kitsnet.stages import ROI_CONFIGURATIONS
 
 
 def cropped_case_dirs(config_name):

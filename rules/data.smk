@@ -27,7 +27,7 @@ if FETCH:
 
     rule fetch_imaging:
         """Download one case's CT from KiTS's host into results/data/<dataset>, beside a copy of
-        its label file from data_root (kitsnet.fetch: resumable, verified)."""
+        its label file from data_root (kitsnet.data.fetch: resumable, verified)."""
         input:
             label=f"{LABEL_ROOT}/{{case}}/{LABEL_NAME}",
         output:

@@ -23,7 +23,7 @@ rule preprocess:
 
 rule crop_roi:
     """Crop one case's fullres arrays and its previous-stage segmentation to the region of
-    interest the previous stage found (kitsnet.roi): a ROI configuration's cases, one item
+    interest the previous stage found (kitsnet.preprocess.roi): a ROI configuration's cases, one item
     per box."""
     input:
         unpack(crop_roi_inputs),

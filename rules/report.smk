@@ -97,3 +97,28 @@ rule compute_cost:
         },
     script:
         "../workflow_scripts/compute_cost.py"
+
+
+rule training_curves:
+    """All folds' loss and pseudo-Dice curves, one panel per configuration."""
+    input:
+        expand(
+            "results/models/{config}/fold_{fold}/training_log.csv",
+            config=CONFIGS,
+            fold=FOLDS,
+        ),
+    output:
+        report(
+            "results/figures/training_curves.png",
+            caption="report/training_curves.rst",
+            category="Figures",
+        ),
+    log:
+        "results/logs/training_curves/training_curves.log",
+    conda:
+        step_env("report")
+    params:
+        configs=CONFIGS,
+        folds=FOLDS,
+    script:
+        "../workflow_scripts/training_curves.py"

@@ -31,28 +31,3 @@ rule train:
         seed=int(config["seed"]),
     script:
         "../workflow_scripts/train.py"
-
-
-rule training_curves:
-    """All folds' loss and pseudo-Dice curves, one panel per configuration."""
-    input:
-        expand(
-            "results/models/{config}/fold_{fold}/training_log.csv",
-            config=CONFIGS,
-            fold=FOLDS,
-        ),
-    output:
-        report(
-            "results/figures/training_curves.png",
-            caption="report/training_curves.rst",
-            category="Figures",
-        ),
-    log:
-        "results/logs/training_curves/training_curves.log",
-    conda:
-        step_env("report")
-    params:
-        configs=CONFIGS,
-        folds=FOLDS,
-    script:
-        "../workflow_scripts/training_curves.py"

@@ -17,7 +17,8 @@ def no_slurm_controller_wait(tmp_path_factory):
     starts (to word a help text).  Where SLURM's commands are installed but no controller runs
     (CI outside the SLURM tests, a workstation with slurm-client), that waits 10 s per snakemake
     call: five minutes over the quick tests' dry runs.  A SLURM_CONF naming a controller on a
-    closed port with 1 s timeouts makes it fail at once; tests/test_slurm.py drops it for its own
+    closed port with 1 s timeouts makes it fail at once; tests/workflow/test_slurm.py drops it for
+    its own
     cluster.  A SLURM_CONF the user set is left alone."""
     import os
     import shutil
@@ -26,7 +27,9 @@ def no_slurm_controller_wait(tmp_path_factory):
         yield None
         return
     conf = tmp_path_factory.mktemp("slurm") / "unreachable.conf"
-    conf.write_text("ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=1\nMessageTimeout=1\n")
+    conf.write_text(
+        "ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=1\nMessageTimeout=1\n"
+    )
     os.environ["SLURM_CONF"] = str(conf)
     yield conf
     os.environ.pop("SLURM_CONF", None)
@@ -41,7 +44,7 @@ def repo() -> Path:
 def kits21_label_maps() -> dict[str, dict[str, Path]]:
     """``case -> {"MAJ": path, "AND": path, "OR": path}`` of the real KiTS21 label maps that
     $KITSNET_KITS21_LABELS points at (CI: the 12 cases it carries); skips saying how to set it."""
-    from kitsnet.dataset import label_maps_from_env
+    from kitsnet.data.dataset import label_maps_from_env
 
     maps, why = label_maps_from_env()
     if not maps:
@@ -52,7 +55,7 @@ def kits21_label_maps() -> dict[str, dict[str, Path]]:
 @pytest.fixture(scope="session")
 def tiny_kits(tmp_path_factory) -> Path:
     """Ten synthetic cases in KiTS21's layout (session-wide, read-only for tests)."""
-    from kitsnet.synth import make_dataset
+    from kitsnet.data.synth import make_dataset
 
     root = tmp_path_factory.mktemp("kits") / "data"
     make_dataset(root, 10, seed=7)
@@ -93,7 +96,7 @@ def kits_tree(root: Path, n: int, missing: str | None = None) -> Path:
     ``missing``: one file left out (a broken download)."""
     import nibabel as nib
 
-    from kitsnet.synth import kits_affine
+    from kitsnet.data.synth import kits_affine
 
     aff = kits_affine((3.0, 0.8, 0.8))
     for i in range(n):

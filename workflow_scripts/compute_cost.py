@@ -1,10 +1,10 @@
-"""Adapter: rule compute_cost -> kitsnet.report.compute_cost / write_compute_cost."""
+"""Adapter: rule compute_cost -> kitsnet.report.compute_cost.compute_cost / write_compute_cost."""
 
 from itertools import product
 from pathlib import Path
 
-from kitsnet.io import log_to
-from kitsnet.report import compute_cost, write_compute_cost
+from kitsnet.core.io import log_to
+from kitsnet.report.compute_cost import compute_cost, write_compute_cost
 
 with log_to(snakemake.log[0]):
     p = snakemake.params

@@ -1,8 +1,9 @@
-"""Adapter: rule crop_roi -> kitsnet.roi.crop_case (one case cropped to its region of interest)."""
+"""Adapter: rule crop_roi -> kitsnet.preprocess.roi.crop_case (one case cropped to its region
+of interest)."""
 
-from kitsnet.io import load_json, log_to
-from kitsnet.loader import find_previous_stage
-from kitsnet.roi import crop_case
+from kitsnet.core.io import load_json, log_to
+from kitsnet.preprocess.roi import crop_case
+from kitsnet.stages import find_previous_stage
 
 with log_to(snakemake.log[0]):
     case = snakemake.wildcards.case

@@ -1,9 +1,9 @@
-"""Adapter: rule evaluate -> kitsnet.evaluate (the fold's validation cases vs the reference)."""
+"""Adapter: rule evaluate -> kitsnet.evaluate.folders (a fold's validation cases vs references)."""
 
 from pathlib import Path
 
-from kitsnet.evaluate import evaluate_pairs, write_scores
-from kitsnet.io import KitsnetError, load_json, log_to
+from kitsnet.core.io import KitsnetError, load_json, log_to
+from kitsnet.evaluate.folders import evaluate_pairs, write_scores
 
 with log_to(snakemake.log[0]):
     fold = int(snakemake.wildcards.fold)

@@ -1,10 +1,10 @@
-"""Adapter: rule fetch_imaging -> kitsnet.fetch.fetch (one case) + a copy of its label file."""
+"""Adapter: rule fetch_imaging -> kitsnet.data.fetch.fetch (one case) + a copy of its label file."""
 
 import shutil
 from pathlib import Path
 
-from kitsnet.fetch import DEFAULT_BASE_URL, fetch
-from kitsnet.io import KitsnetError, atomic_path, log_to
+from kitsnet.core.io import KitsnetError, atomic_path, log_to
+from kitsnet.data.fetch import DEFAULT_BASE_URL, fetch
 
 with log_to(snakemake.log[0]):
     case = snakemake.wildcards.case

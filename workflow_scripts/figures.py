@@ -1,10 +1,10 @@
-"""Adapter: rule figures -> kitsnet.figures.plot_reference / plot_predictions."""
+"""Adapter: rule figures -> kitsnet.report.figures.plot_reference / plot_predictions."""
 
 from itertools import product
 from pathlib import Path
 
-from kitsnet.figures import plot_predictions, plot_reference
-from kitsnet.io import load_json, log_to
+from kitsnet.core.io import load_json, log_to
+from kitsnet.report.figures import plot_predictions, plot_reference
 
 with log_to(snakemake.log[0]):
     p = snakemake.params

@@ -1,9 +1,9 @@
-"""Adapter: rule fingerprint -> kitsnet.plan.fingerprint."""
+"""Adapter: rule fingerprint -> kitsnet.plan.fingerprint.fingerprint."""
 
 from pathlib import Path
 
-from kitsnet.io import log_to, save_json
-from kitsnet.plan import fingerprint
+from kitsnet.core.io import log_to, save_json
+from kitsnet.plan.fingerprint import fingerprint
 
 with log_to(snakemake.log[0]):
     cases = [Path(f).parent.name for f in snakemake.input.images]

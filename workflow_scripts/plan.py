@@ -1,9 +1,7 @@
-"""Adapter: rule plan -> kitsnet.plan.make_plan."""
+"""Adapter: rule plan -> kitsnet.plan.planner.make_plan."""
 
-
-
-from kitsnet.io import load_json, log_to, save_json
-from kitsnet.plan import make_plan
+from kitsnet.core.io import load_json, log_to, save_json
+from kitsnet.plan.planner import make_plan
 
 with log_to(snakemake.log[0]):
     plan = make_plan(

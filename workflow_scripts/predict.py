@@ -1,11 +1,11 @@
-"""Adapter: rules predict / predict_lowres -> kitsnet.infer.predict_fold."""
+"""Adapter: rules predict / predict_lowres -> kitsnet.predict.infer.predict_fold."""
 
 from pathlib import Path
 
 import torch
 
-from kitsnet.infer import predict_fold
-from kitsnet.io import load_json, log_to
+from kitsnet.core.io import load_json, log_to
+from kitsnet.predict.infer import predict_fold
 
 with log_to(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)

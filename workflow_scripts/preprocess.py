@@ -1,9 +1,7 @@
-"""Adapter: rule preprocess -> kitsnet.preprocess.preprocess_case."""
+"""Adapter: rule preprocess -> kitsnet.preprocess.case.preprocess_case."""
 
-
-
-from kitsnet.io import load_json, log_to
-from kitsnet.preprocess import preprocess_case
+from kitsnet.core.io import load_json, log_to
+from kitsnet.preprocess.case import preprocess_case
 
 with log_to(snakemake.log[0]):
     o = snakemake.output

@@ -1,9 +1,7 @@
-"""Adapter: rule splits -> kitsnet.plan.make_splits (or an existing splits file)."""
+"""Adapter: rule splits -> kitsnet.plan.splits.make_splits (or an existing splits file)."""
 
-
-
-from kitsnet.io import log_to, save_json
-from kitsnet.plan import load_or_make_splits
+from kitsnet.core.io import log_to, save_json
+from kitsnet.plan.splits import load_or_make_splits
 
 with log_to(snakemake.log[0]):
     p = snakemake.params

@@ -1,13 +1,13 @@
-"""Adapter: rule table1 -> kitsnet.report.collate / write_table, kitsnet.stats.table1_stats,
-kitsnet.figures.plot_per_case."""
+"""Adapter: rule table1 -> kitsnet.report.table1.collate / write_table,
+kitsnet.report.stats.table1_stats, kitsnet.report.figures.plot_per_case."""
 
 from itertools import product
 from pathlib import Path
 
-from kitsnet.figures import plot_per_case
-from kitsnet.io import log_to
-from kitsnet.report import collate, paper_values, write_table
-from kitsnet.stats import StatsSettings, table1_stats
+from kitsnet.core.io import log_to
+from kitsnet.report.figures import plot_per_case
+from kitsnet.report.stats import StatsSettings, table1_stats
+from kitsnet.report.table1 import collate, paper_values, write_table
 
 with log_to(snakemake.log[0]):
     p = snakemake.params

@@ -1,12 +1,12 @@
-"""Adapter: rule train -> kitsnet.train.train_fold (+ its progress plot)."""
+"""Adapter: rule train -> kitsnet.train.loop.train_fold (+ its progress plot)."""
 
 from pathlib import Path
 
 import torch
 
-from kitsnet.figures import plot_progress
-from kitsnet.io import load_json, log_to
-from kitsnet.train import train_fold
+from kitsnet.core.io import load_json, log_to
+from kitsnet.report.figures import plot_progress
+from kitsnet.train.loop import train_fold
 
 with log_to(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)

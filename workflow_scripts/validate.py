@@ -1,9 +1,7 @@
-"""Adapter: rule validate_dataset -> kitsnet.dataset.validate_dataset."""
+"""Adapter: rule validate_dataset -> kitsnet.data.dataset.validate_dataset."""
 
-
-
-from kitsnet.dataset import validate_dataset
-from kitsnet.io import log_to, save_json
+from kitsnet.core.io import log_to, save_json
+from kitsnet.data.dataset import validate_dataset
 
 with log_to(snakemake.log[0]):
     p = snakemake.params

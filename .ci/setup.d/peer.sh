@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# nnU-Net v2 peer for the cross-check tests (tests/test_*_nnunet.py): the 'peer' extra of
+# nnU-Net v2 peer for the cross-check tests (tests/nnunet/): the 'peer' extra of
 # pyproject.toml, installed into CI's active venv.  torch is named on the same command line so
 # that the resolver keeps the CPU torch 2.13.0 (torchvision 0.28.0 is its matching release).
 # Cost on the 2-core dev machine: this script in a fresh venv 159 s with a cold pip cache

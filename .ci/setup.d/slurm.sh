@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs a local SLURM (Debian's slurm-wlm, munge) for tests/test_slurm.py, which starts and
-# stops the single-node cluster itself (tests/slurm/start_slurm.sh).  Without root or apt the
+# Installs a local SLURM (Debian's slurm-wlm, munge) for tests/workflow/test_slurm.py, which starts and
+# stops the single-node cluster itself (tests/workflow/slurm/start_slurm.sh).  Without root or apt the
 # SLURM tests skip with a reason.
 set -euo pipefail
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
