@@ -13,6 +13,7 @@ include: "rules/preprocess.smk"
 include: "rules/train.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
+include: "rules/postprocess.smk"
 include: "rules/report.smk"
 
 
@@ -26,6 +27,7 @@ localrules:
     table1,
     training_curves,
     compute_cost,
+    model_selection,
 
 
 rule all:
@@ -40,3 +42,5 @@ rule all:
         "results/figures/fig3_per_case.png",
         "results/figures/training_curves.png",
         "results/compute_cost.csv",
+        "results/model_selection.csv",
+        "results/best_configuration.json",

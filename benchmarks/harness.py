@@ -41,6 +41,7 @@ import torch
 
 BENCHMARKS = ("preprocess", "export", "sliding_window", "augment", "evaluate", "memory")
 BENCHMARKS += ("train_input", "cascade_roi", "gpu_train", "gpu_window")
+BENCHMARKS += ("ensemble_storage",)
 # benchmarks defined together: name -> "module:object" (benchmarks/bench_<module>.py)
 GROUPED = {"gpu_train": "gpu:TRAIN", "gpu_window": "gpu:WINDOW"}
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,10 @@
 
 kitsnet synth --out DIR [--cases 20] [--seed 0]
 kitsnet validate DATA_ROOT [--folds 5] [--dataset auto|kits21|kits23]
-kitsnet predict --models DIR --input IMAGE_OR_DIR --out DIR [--config 3d_cascade_fullres]
-                [--checkpoint model_final.pt] [--no-mirror] [--device auto]
+kitsnet predict --input IMAGE_OR_DIR --out DIR [--results results] [--model NAME]
+                [--folds K ...] [--step-size S] [--save-probabilities]
+                [--no-postprocessing] [--checkpoint model_final.pt] [--no-mirror]
+                [--device auto]
 kitsnet fetch kits21|kits23 --out DIR [--cases SPEC] [--base-url URL] [--jobs 4]
               [--retries 5] [--timeout 60]
 kitsnet evaluate --pred-dir P --ref-dir R --out scores.csv [--jobs N]
@@ -40,22 +42,6 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from kitsnet.predict.infer import predict_images
-
-    written = predict_images(
-        Path(args.models),
-        Path(args.input),
-        Path(args.out),
-        args.config,
-        checkpoint=args.checkpoint,
-        mirror=not args.no_mirror,
-        device=args.device,
-    )
-    print(f"wrote {len(written)} predictions to {args.out}")
-    return 0
-
-
 def _fetch(args: argparse.Namespace) -> int:
     from kitsnet.data.fetch import fetch
 
@@ -77,10 +63,6 @@ def _fetch(args: argparse.Namespace) -> int:
             f"{len(failed)} case(s) failed (a rerun fetches only those): {named}{more}"
         )
     return 0
-
-
-# The paper's final model, and what `kitsnet predict` runs unless told otherwise.
-DEFAULT_CONFIGURATION = "3d_cascade_fullres"
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -115,44 +97,6 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         "auto: from the files found (default: %(default)s)",
     )
     p.set_defaults(func=_validate)
-
-
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    from kitsnet.stages import CONFIGURATIONS, FINAL_MODEL
-
-    p = sub.add_parser("predict", help="segment new CT scans with a trained configuration")
-    p.add_argument(
-        "--models",
-        required=True,
-        metavar="DIR",
-        help="the workflow's results/models folder (holding <config>/fold_k)",
-    )
-    p.add_argument(
-        "--input", required=True, metavar="PATH", help="a .nii.gz CT or a folder of them"
-    )
-    p.add_argument(
-        "--out", required=True, metavar="DIR", help="folder for <case>.nii.gz label maps"
-    )
-    p.add_argument(
-        "--config",
-        default=DEFAULT_CONFIGURATION,
-        help=f"trained configuration to run, one of {', '.join(CONFIGURATIONS)}; a cascade "
-        "runs its first stage too (default: %(default)s)",
-    )
-    p.add_argument(
-        "--checkpoint",
-        default=FINAL_MODEL,
-        metavar="FILE",
-        help="checkpoint file name in each fold_k folder (default: %(default)s)",
-    )
-    p.add_argument("--no-mirror", action="store_true", help="disable mirroring TTA (faster)")
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="cpu, cuda or cuda:N; auto: a GPU if torch sees one, else the CPU "
-        "(default: %(default)s)",
-    )
-    p.set_defaults(func=_predict)
 
 
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
@@ -205,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every sub-command (one ``_add_*`` function each, evaluate's in its module)."""
     from kitsnet import __version__
     from kitsnet.evaluate.folders import add_cli
+    from kitsnet.postprocess.predict_cli import add_cli as add_predict
 
     parser = argparse.ArgumentParser(
         prog="kitsnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -213,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    for add in (_add_synth, _add_validate, _add_predict, _add_fetch, add_cli):
+    for add in (_add_synth, _add_validate, add_predict, _add_fetch, add_cli):
         add(sub)
     return parser
 

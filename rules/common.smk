@@ -1,6 +1,7 @@
 import copy
 import math
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -304,11 +305,25 @@ CASES = [check_case_id(c) for c in discover_cases()]
 DATAS = sorted({DATA_OF[c] for c in CONFIGS})
 
 
+# Model selection (rules/postprocess.smk): every configuration and every two-configuration
+# ensemble ("A+B", in the order of config configurations), each scored with and without
+# postprocessing on the out-of-fold cases.
+PAIRS = [f"{a}+{b}" for i, a in enumerate(CONFIGS) for b in CONFIGS[i + 1 :]]
+MODELS = CONFIGS + PAIRS
+
+
+def _alternatives(names):
+    """A wildcard constraint that matches exactly one of ``names`` ('+' taken literally)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
 wildcard_constraints:
     case=r"case_\d{5}",
     config="|".join(sorted(set(CONFIGS) | set(DATAS))),
     data="|".join(DATAS),
     fold=r"\d+",
+    pair=_alternatives(PAIRS),
+    model=_alternatives(MODELS),
 
 
 def image_files(wildcards=None):
@@ -454,3 +469,45 @@ def crop_roi_inputs(wildcards):
         "props": f"{data}.json",
         "prev": expand("results/next_stage/{prev}/fold_{fold}", prev=prev, fold=FOLDS),
     }
+
+
+def pair_members(pair):
+    """The two configurations of an ensemble wildcard "A+B"."""
+    return pair.split("+")
+
+
+def ensemble_inputs(wildcards):
+    """An ensemble of two configurations reads both members' out-of-fold probabilities (all
+    folds) and the first member's segmentations, whose NIfTI headers it copies."""
+    first, second = pair_members(wildcards.pair)
+    return {
+        "splits": "results/dataset/splits.json",
+        "probabilities": expand(
+            "results/probabilities/{config}/fold_{fold}",
+            config=[first, second],
+            fold=FOLDS,
+        ),
+        "geometry": expand(
+            "results/predictions/{config}/fold_{fold}", config=first, fold=FOLDS
+        ),
+    }
+
+
+def postprocess_inputs(wildcards):
+    """Postprocessing of one model is decided on all its out-of-fold predictions against the
+    references; a single configuration's raw scores are the evaluate jobs' (an ensemble is
+    scored by the postprocess job itself)."""
+    inputs = {
+        "predictions": expand(
+            "results/predictions/{model}/fold_{fold}", model=wildcards.model, fold=FOLDS
+        ),
+        "splits": "results/dataset/splits.json",
+        "labels": label_files(),
+    }
+    if wildcards.model in CONFIGS:
+        inputs["scores"] = expand(
+            "results/scores/{config}/fold_{fold}.csv",
+            config=wildcards.model,
+            fold=FOLDS,
+        )
+    return inputs

@@ -6,6 +6,7 @@ rule predict_lowres:
         fullres=preprocessed_files("3d_fullres"),
     output:
         predictions=directory("results/predictions/{config}/fold_{fold}"),
+        probabilities=directory("results/probabilities/{config}/fold_{fold}"),
         next_stage=intermediate(directory("results/next_stage/{config}/fold_{fold}")),
     log:
         "results/logs/predict/{config}_fold{fold}.log",
@@ -28,11 +29,13 @@ rule predict_lowres:
 
 
 rule predict:
-    """Predict one fold's validation cases with that fold's model, on the original grid."""
+    """Predict one fold's validation cases with that fold's model, on the original grid, and
+    their class probabilities in compact form (for the ensembles of model selection)."""
     input:
         unpack(prediction_inputs),
     output:
         predictions=directory("results/predictions/{config}/fold_{fold}"),
+        probabilities=directory("results/probabilities/{config}/fold_{fold}"),
     log:
         "results/logs/predict/{config}_fold{fold}.log",
     benchmark:
@@ -51,3 +54,29 @@ rule predict:
         device=config["training"].get("device", "auto"),
     script:
         "../workflow_scripts/predict.py"
+
+
+rule ensemble:
+    """Two configurations' out-of-fold probabilities averaged (nnU-Net's ensembling) and
+    arg-maxed: the segmentations of the ensemble "A+B", every fold in one job."""
+    input:
+        unpack(ensemble_inputs),
+    output:
+        predictions=[
+            directory(p)
+            for p in expand("results/predictions/{{pair}}/fold_{fold}", fold=FOLDS)
+        ],
+    log:
+        "results/logs/ensemble/{pair}.log",
+    benchmark:
+        "results/benchmarks/ensemble/{pair}.tsv"
+    conda:
+        step_env("evaluate")
+    resources:
+        mem_mb=step_resource("ensemble", "mem_mb", 4000),
+        runtime=step_resource("ensemble", "runtime", 60),
+    params:
+        members=lambda wildcards: pair_members(wildcards.pair),
+        folds=FOLDS,
+    script:
+        "../workflow_scripts/ensemble.py"

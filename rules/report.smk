@@ -3,7 +3,10 @@ rule table1:
     with its statistics (fold SD, bootstrap interval, Wilcoxon test against the cascade) and
     Figure 3 (per-case Dice)."""
     input:
-        expand("results/scores/{config}/fold_{fold}.csv", config=CONFIGS, fold=FOLDS),
+        scores=expand(
+            "results/scores/{config}/fold_{fold}.csv", config=CONFIGS, fold=FOLDS
+        ),
+        selection="results/model_selection.csv",
     output:
         csv=report(
             "results/table1.csv", caption="report/table1.rst", category="Table 1"

@@ -1,4 +1,5 @@
-"""Adapter: rules predict / predict_lowres -> kitsnet.predict.infer.predict_fold."""
+"""Adapter: rules predict / predict_lowres -> kitsnet.predict.infer.predict_fold (the
+segmentations, their compact probabilities and, for predict_lowres, the next stage)."""
 
 from pathlib import Path
 
@@ -24,4 +25,5 @@ with log_to(snakemake.log[0]):
         prev_dirs=prev,
         next_stage=next_stage,
         device=snakemake.params.device,
+        prob_dir=snakemake.output.probabilities,
     )

@@ -1,5 +1,6 @@
-"""Inference of a fold or an ensemble: predict, export back to the original grid, and the
-cascade's next stage (and, for a ROI configuration, paste the boxes back first).
+"""Inference of a fold: predict, export back to the original grid (the segmentation and, for
+ensembling, the compact class probabilities), and the cascade's next stage (and, for a ROI
+configuration, paste the boxes back first).  New scans: :mod:`kitsnet.predict.images`.
 
 The sliding window itself is :mod:`kitsnet.predict.sliding_window` (re-exported here).  Logits stay
 float32 (never float64) and are resampled to the original grid one channel at a time so a
@@ -9,6 +10,7 @@ float32 (never float64) and are resampled to the original grid one channel at a 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +20,23 @@ from kitsnet.core.io import load_json, save_volume
 from kitsnet.core.resample import resample_argmax
 from kitsnet.model.checkpoint import load_checkpoint
 from kitsnet.model.network import build_network
+from kitsnet.predict.probabilities import CompactProbabilities, export_logits, save_probabilities
 from kitsnet.predict.sliding_window import compute_steps, gaussian_importance, sliding_window
 from kitsnet.preprocess.case import grid_spacing
-from kitsnet.preprocess.roi import Box, load_manifest, paste_logits, region_boxes
-from kitsnet.stages import FINAL_MODEL, find_previous_stage
+from kitsnet.preprocess.roi import Box, load_manifest, paste_logits
+from kitsnet.stages import find_previous_stage
+
+Progress = Callable[[int, int], None]
 
 __all__ = [
     "compute_steps",
     "gaussian_importance",
     "load_models",
     "logits_to_next_stage",
+    "export_to_original",
     "logits_to_original",
     "predict_cropped_case",
     "predict_fold",
-    "predict_images",
     "predict_volume",
     "sliding_window",
     "with_previous_stage",
@@ -45,8 +50,10 @@ def predict_volume(
     plan: dict,
     inference: dict,
     device: torch.device | str = "cpu",
+    progress: Progress | None = None,
 ) -> np.ndarray:
-    """Logits of a preprocessed (C, Z, Y, X) volume on its own grid; 2D plans go slice by slice."""
+    """Logits of a preprocessed (C, Z, Y, X) volume on its own grid; 2D plans go slice by slice.
+    ``progress(done, total)`` counts tiles over the whole volume (all slices of a 2D plan)."""
     kw = dict(
         num_classes=plan["num_classes"],
         step=inference["step_size"],
@@ -57,10 +64,17 @@ def predict_volume(
     )
     patch = list(plan["patch_size"])
     if plan["arch"]["dim"] == 3:
-        return sliding_window(networks, image, patch, **kw)
+        return sliding_window(networks, image, patch, progress=progress, **kw)
     out = np.empty((plan["num_classes"], *image.shape[1:]), dtype=np.float32)
-    for z in range(image.shape[1]):
-        out[:, z] = sliding_window(networks, image[:, z], patch, **kw)
+    n_slices = image.shape[1]
+    for z in range(n_slices):
+        each = None
+        if progress is not None:  # every slice has the same tiles
+
+            def each(done: int, total: int, z: int = z) -> None:
+                progress(z * total + done, n_slices * total)
+
+        out[:, z] = sliding_window(networks, image[:, z], patch, progress=each, **kw)
     return out
 
 
@@ -87,6 +101,22 @@ def logits_to_original(logits: np.ndarray, geometry: dict, plan: dict) -> np.nda
     slice spacing, :func:`kitsnet.preprocess.case.grid_spacing`)."""
     original = geometry["original_spacing"]
     return resample_argmax(
+        logits,
+        geometry["original_shape"],
+        grid_spacing(plan, original),
+        plan["anisotropy_threshold"],
+        new_spacing=original,
+    )
+
+
+def export_to_original(
+    logits: np.ndarray, geometry: dict, plan: dict
+) -> tuple[np.ndarray, CompactProbabilities]:
+    """:func:`logits_to_original` (the same labels, byte for byte) and the class probabilities
+    on the original grid in compact form (:mod:`kitsnet.predict.probabilities`), which the
+    ensembles of model selection average."""
+    original = geometry["original_spacing"]
+    return export_logits(
         logits,
         geometry["original_shape"],
         grid_spacing(plan, original),
@@ -158,11 +188,14 @@ def predict_fold(
     next_stage: tuple[str | Path, str | Path] | None = None,
     device: str = "auto",
     log=print,
+    prob_dir: str | Path | None = None,
 ) -> None:
     """Predict a fold's validation cases from their preprocessed arrays.
 
-    Writes ``out_dir/<case>.nii.gz`` on the original grid; with ``next_stage=(fullres_dir,
-    out)`` also writes the segmentation resampled to the fullres grid as ``out/<case>.npy``.
+    Writes ``out_dir/<case>.nii.gz`` on the original grid; with ``prob_dir`` also the class
+    probabilities as ``prob_dir/<case>.npz`` (compact, :mod:`kitsnet.predict.probabilities`);
+    with ``next_stage=(fullres_dir, out)`` the segmentation resampled to the fullres grid as
+    ``out/<case>.npy``.
     """
     from kitsnet.core.device import pick_device
 
@@ -170,6 +203,8 @@ def predict_fold(
     nets, plan = load_models([model_path], dev)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if prob_dir is not None:
+        Path(prob_dir).mkdir(parents=True, exist_ok=True)
     for case in cases:
         if plan.get("roi"):
             logits, geometry = predict_cropped_case(
@@ -183,9 +218,12 @@ def predict_fold(
                     image, np.load(find_previous_stage(case, prev_dirs)), plan["num_classes"]
                 )
             logits = predict_volume(nets, image, plan, inference, dev)
-        write_prediction(
-            logits_to_original(logits, geometry, plan), geometry, out_dir / f"{case}.nii.gz"
-        )
+        if prob_dir is None:
+            seg = logits_to_original(logits, geometry, plan)
+        else:
+            seg, probabilities = export_to_original(logits, geometry, plan)
+            save_probabilities(Path(prob_dir) / f"{case}.npz", probabilities)
+        write_prediction(seg, geometry, out_dir / f"{case}.nii.gz")
         if next_stage is not None:
             full_dir, ns_dir = Path(next_stage[0]), Path(next_stage[1])
             full_shape = load_json(full_dir / f"{case}.json")["shape"]
@@ -196,95 +234,3 @@ def predict_fold(
             with atomic_path(ns_dir / f"{case}.npy") as tmp, open(tmp, "wb") as fh:
                 np.save(fh, seg)
         log(f"predicted {case}")
-
-
-def _inputs(path: Path) -> list[tuple[str, Path]]:
-    """(name, file) pairs: a single .nii.gz, a folder of them, or a KiTS21-layout folder."""
-    if path.is_file():
-        name = path.name.removesuffix(".nii.gz")
-        return [(path.parent.name if name == "imaging" else name, path)]
-    kits = sorted(path.glob("case_*/imaging.nii.gz"))
-    if kits:
-        return [(p.parent.name, p) for p in kits]
-    return [(p.name.removesuffix(".nii.gz"), p) for p in sorted(path.glob("*.nii.gz"))]
-
-
-def predict_images(
-    models_dir: Path,
-    input_path: Path,
-    out_dir: Path,
-    configuration: str,
-    checkpoint: str = FINAL_MODEL,
-    mirror: bool = True,
-    device: str = "auto",
-    inference: dict | None = None,
-) -> list[Path]:
-    """Segment new CT scans with the 5-fold ensemble of a configuration (cascades included:
-    the lowres ensemble runs first and its segmentation becomes the extra input channels; a ROI
-    configuration predicts only the region that segmentation defines)."""
-    from kitsnet.core.device import pick_device
-    from kitsnet.core.io import KitsnetError, load_volume
-    from kitsnet.preprocess.case import geometry_of, preprocess_image
-
-    dev = pick_device(device)
-    inf = {
-        "step_size": 0.5,
-        "gaussian_sigma_scale": 0.125,
-        "tile_batch": 1,
-        **(inference or {}),
-        "mirror": mirror,
-    }
-
-    def ensemble(cfg: str) -> tuple[list[torch.nn.Module], dict]:
-        paths = sorted((models_dir / cfg).glob(f"fold_*/{checkpoint}"))
-        if not paths:
-            raise KitsnetError(f"{models_dir / cfg}: no fold_*/{checkpoint} found")
-        return load_models(paths, dev)
-
-    nets, plan = ensemble(configuration)
-    prev = ensemble(plan["previous_stage"]) if plan.get("previous_stage") else None
-    files = _inputs(input_path)
-    if not files:
-        raise KitsnetError(f"{input_path}: no .nii.gz images found")
-    written = []
-    for name, path in files:
-        vol = load_volume(path, name)
-        image = preprocess_image(np.asarray(vol.array), vol.spacing, plan)
-        if prev is None:
-            logits = predict_volume(nets, image, plan, inf, dev)
-        else:
-            prev_nets, prev_plan = prev
-            low = preprocess_image(np.asarray(vol.array), vol.spacing, prev_plan)
-            seg = logits_to_next_stage(
-                predict_volume(prev_nets, low, prev_plan, inf, dev),
-                list(image.shape[1:]),
-                prev_plan,
-                prev_plan["spacing"],
-            )
-            logits = _second_stage(nets, plan, inf, image, seg, name, dev)
-        geometry = geometry_of(vol, name)
-        out = Path(out_dir) / f"{name}.nii.gz"
-        write_prediction(logits_to_original(logits, geometry, plan), geometry, out)
-        written.append(out)
-    return written
-
-
-def _second_stage(nets, plan, inference, image, prev, name, device) -> np.ndarray:
-    """A cascade's fullres logits of a new scan from its first-stage labels ``prev``: the
-    whole volume (3d_cascade_fullres), or the region the first stage found (a ROI plan:
-    cropped, predicted and pasted back as :func:`predict_cropped_case` does)."""
-    n = plan["num_classes"]
-    if not plan.get("roi"):
-        return predict_volume(nets, with_previous_stage(image, prev, n), plan, inference, device)
-    boxes, _ = region_boxes(prev, plan["spacing"], plan["roi"], name)
-    parts = [
-        predict_volume(
-            nets,
-            with_previous_stage(image[(slice(None), *b.slices)], prev[b.slices], n),
-            plan,
-            inference,
-            device,
-        )
-        for b in boxes
-    ]
-    return paste_logits(parts, boxes, image.shape[1:])

@@ -10,6 +10,7 @@ changes for other reasons (speed on a device) than those do.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -100,6 +101,7 @@ def sliding_window(
     mirror_axes: list[int] | None = None,
     device: torch.device | str = "cpu",
     tile_batch: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Average logits of ``networks`` over tiles (and mirrors) -> (num_classes, *S) float32.
 
@@ -110,7 +112,8 @@ def sliding_window(
     grows with it.  Float32 throughout: the Gaussian-weighted sum of the tiles and the sum of
     the weights (computed once, not per tile), divided at the end.  3D on the CPU runs the
     networks on channels-last activations (faster convolutions; same logits to float32
-    rounding), the networks themselves untouched.
+    rounding), the networks themselves untouched.  ``progress(done, total)``, if given, is
+    called after each forward pass with the tiles done so far.
     """
     dev = torch.device(device)
     dim = len(patch)
@@ -149,6 +152,8 @@ def sliding_window(
         pred.mul_(tile_weight)
         for s, p in zip(sl, pred, strict=True):
             logits[(slice(None), *s)] += p
+        if progress is not None:
+            progress(min(b + tile_batch, len(starts)), len(starts))
     logits /= norm
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, spatial, strict=True))
     return logits[(slice(None), *crop)].cpu().numpy()

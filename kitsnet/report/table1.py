@@ -264,10 +264,12 @@ def write_table(
     stats: pd.DataFrame,
     settings: StatsSettings,
     outputs: Mapping[str, Path],
+    appendix: str = "",
 ) -> None:
     """Write Table 1 (``csv`` + ``md``), its statistics (``stats``, from
     :func:`kitsnet.report.stats.table1_stats` with ``settings``) and the long per-case scores
-    (``per_case``), each to the path ``outputs`` gives, with fixed formatting."""
+    (``per_case``), each to the path ``outputs`` gives, with fixed formatting; ``appendix`` is
+    markdown added after the table (the model selection)."""
     missing = {"csv", "md", "stats", "per_case"} - set(outputs)
     if missing:
         raise KitsnetError(f"write_table: no output path for {sorted(missing)}")
@@ -277,4 +279,4 @@ def write_table(
     with atomic_path(outputs["stats"]) as tmp:
         _stats_csv(stats).to_csv(tmp, index=False, lineterminator="\n")
     with atomic_path(outputs["md"]) as tmp:
-        tmp.write_text(_markdown(table, per_case, stats, settings))
+        tmp.write_text(_markdown(table, per_case, stats, settings) + appendix)

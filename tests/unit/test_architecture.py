@@ -31,12 +31,16 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"core", "stages", "data", "plan", "preprocess", "model"},
     "predict": {"core", "stages", "data", "plan", "preprocess", "model"},
     "evaluate": {"core", "stages", "data"},
+    "postprocess": {
+        *("core", "stages", "data", "plan", "preprocess", "model", "predict", "evaluate"),
+    },
     "report": {"core", "stages", "data", "plan", "train", "evaluate"},
 }
 TOP_LEVEL = {"__init__": {"core"}, "cli": set(ALLOWED)}  # the command sits on everything
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
-MAX_BENCHMARK_LINES = 2000
+# 2,000 when issue 21 set it (from 3,440); issue 22 added the ensemble_storage benchmark
+MAX_BENCHMARK_LINES = 2200
 
 
 def _modules() -> dict[str, Path]:

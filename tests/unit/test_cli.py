@@ -74,26 +74,32 @@ def test_the_module_docstring_lists_every_command_with_its_real_defaults():
         assert f"kitsnet {name} " in cli.__doc__
 
 
-def test_predict_default_shown_is_the_configuration_used(monkeypatch, tmp_path, capsys):
+def test_predict_runs_the_best_model_unless_one_is_named(monkeypatch, tmp_path, capsys):
     used: dict = {}
 
-    def predict_images(models, input_path, out, configuration, **kwargs):
-        used.update(configuration=configuration, **kwargs)
+    def predict_best(input_path, out, **kwargs):
+        used.update(kwargs)
         return []
 
-    # a stand-in for kitsnet.predict.infer, so the test needs no torch
-    fake_infer = types.SimpleNamespace(predict_images=predict_images)
-    monkeypatch.setitem(sys.modules, "kitsnet.predict.infer", fake_infer)
-    argv = ["predict", "--models", str(tmp_path), "--input", str(tmp_path), "--out", "o"]
+    # a stand-in for kitsnet.postprocess.predict_best, so the test needs no torch
+    fake = types.SimpleNamespace(predict_best=predict_best)
+    monkeypatch.setitem(sys.modules, "kitsnet.postprocess.predict_best", fake)
+    argv = ["predict", "--input", str(tmp_path), "--out", "o"]
     assert main(argv) == 0
-    assert used["configuration"] == "3d_cascade_fullres"  # the paper's final model
+    assert used["model"] is None  # None: results/best_configuration.json
+    assert used["postprocessing"] is True and used["save_probs"] is False
+    assert used["inference"] == {}  # the workflow's settings, from best_configuration.json
+    assert main([*argv, "--step-size", "0.25", "--no-mirror"]) == 0
+    assert used["inference"] == {"step_size": 0.25, "mirror": False}
+    assert main([*argv, "--config", "3d_fullres"]) == 0 and used["model"] == "3d_fullres"
+    assert main([*argv, "--model", "2d+3d_fullres", "--folds", "0", "2"]) == 0
+    assert used["model"] == "2d+3d_fullres" and used["folds"] == [0, 2]
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
-    assert f"(default: {used['configuration']})" in shown
     assert f"(default: {used['checkpoint']})" in shown and f"(default: {used['device']})" in shown
-    assert used["mirror"] is True
+    assert "best_configuration.json" in shown
 
 
 def test_fetch_defaults_shown_are_those_of_the_library(monkeypatch, tmp_path):

@@ -102,11 +102,17 @@ def test_a_300_case_paper_run_submits_at_most_100_sbatch_jobs(tmp_path):
     assert counts["crop_roi"] == "300" and counts["evaluate"] == "25"
     groups = re.findall(r"Group job (\w+)", out)
     single = re.findall(r"^rule (\w+):", out, flags=re.M)  # not indented: not in a group
-    assert Counter(groups) == {"preprocessing": 30, "roi_crops": 3, "evaluation": 5}
-    assert not {"preprocess", "crop_roi", "evaluate"} & set(single)
-    local = {"plan", "splits", "table1", "training_curves", "compute_cost"}  # no sbatch
+    assert counts["ensemble"] == "10" and counts["postprocess"] == "15"
+    assert Counter(groups) == {
+        "preprocessing": 30,
+        "roi_crops": 3,
+        "evaluation": 5,
+        "selection": 5,
+    }
+    assert not {"preprocess", "crop_roi", "evaluate", "ensemble", "postprocess"} & set(single)
+    local = {"plan", "splits", "table1", "training_curves", "compute_cost", "model_selection"}
     submissions = len(groups) + len([r for r in single if r not in local])
     assert submissions <= 100, (len(groups), sorted(set(single)))
-    assert submissions == 90  # README: 90 sbatch jobs for results/table1.csv
+    assert submissions == 95  # README: 95 sbatch jobs for results/table1.csv
     assert single.count("train") == 25  # each training its own job, with its GPU
     assert single.count("predict") + single.count("predict_lowres") == 25

@@ -133,9 +133,40 @@ def test_micro_demo_runs_end_to_end(repo, micro_demo):
             np.subtract(manifest["boxes"][0]["stop"], manifest["boxes"][0]["start"])
         )
         assert all(c <= f for c, f in zip(crop.shape, manifest["shape"], strict=True))
+    _model_selection_covers_every_configuration_and_pair(res)
     # a second invocation finds nothing to do
     again = snakemake(repo, tmp_path, "-n", "--configfile", str(repo / "tests/data/micro.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def _model_selection_covers_every_configuration_and_pair(res):
+    """results/model_selection.csv: every configuration and every pair, without and with its
+    postprocessing; best_configuration.json is its arg-max; the compact probabilities of every
+    fold sum to one."""
+    from kitsnet.predict.probabilities import load_probabilities
+
+    pairs = [f"{a}+{b}" for i, a in enumerate(CONFIGS) for b in CONFIGS[i + 1 :]]
+    rows = list(csv.DictReader(open(res / "model_selection.csv")))
+    assert [(r["model"], r["postprocessed"]) for r in rows] == [
+        (m, pp) for m in CONFIGS + pairs for pp in ("false", "true")
+    ]
+    for r in rows:
+        six = [float(r[k]) for k in METRIC_COLUMNS]
+        assert float(r["kits_score"]) == pytest.approx(sum(six) / 6, abs=1e-5)
+    best = json.loads((res / "best_configuration.json").read_text())
+    top = max(rows, key=lambda r: float(r["kits_score"]))
+    assert (best["model"], str(best["postprocessed"]).lower()) == (
+        top["model"],
+        top["postprocessed"],
+    )
+    assert best["configurations"] == best["model"].split("+")
+    for model in CONFIGS + pairs:
+        decision = json.loads((res / f"postprocessing/{model}.json").read_text())
+        assert decision["model"] == model and len(decision["candidates"]) >= 7
+    assert "## Model selection" in (res / "table1.md").read_text()
+    npz = next((res / "probabilities/3d_cascade_fullres").glob("fold_*/case_*.npz"))
+    probs = load_probabilities(npz).dense()
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
 
 
 @pytest.mark.workflow
@@ -159,11 +190,18 @@ def test_report_html_has_table1_figures_curves_and_compute_cost(repo, micro_demo
         "Figure 2: the same slices",
         "Training curves of every configuration",
         "Compute cost of every training and prediction job",
+        "Model selection after cross-validation",
         # the workflow's description on the landing page (rules/report/workflow.rst)
         "reproduces Table 1 of",
     ):
         assert caption in html, caption
-    for name in ("table1.csv", "compute_cost.csv", "fig1_reference.png", "training_curves.png"):
+    for name in (
+        "table1.csv",
+        "compute_cost.csv",
+        "fig1_reference.png",
+        "training_curves.png",
+        "model_selection.csv",
+    ):
         assert name in html, name
     # self-contained: no stylesheet or script is loaded from elsewhere
     assert not re.search(r"<(script|link)[^>]+(src|href)=\"https?://", html)

@@ -360,7 +360,7 @@ def test_kitsnet_predict_of_the_roi_configuration_keeps_to_the_first_stages_regi
     stage's labels on the original grid are background outside that box."""
     import nibabel as nib
 
-    import kitsnet.predict.infer as infer
+    import kitsnet.predict.images as images
     from kitsnet.data.synth import kits_affine
     from kitsnet.model.checkpoint import save_torch
     from kitsnet.model.network import build_network
@@ -400,8 +400,8 @@ def test_kitsnet_predict_of_the_roi_configuration_keeps_to_the_first_stages_regi
         seg[block] = 1
         return seg
 
-    monkeypatch.setattr(infer, "logits_to_next_stage", first_stage)
-    (out,) = infer.predict_images(
+    monkeypatch.setattr(images, "logits_to_next_stage", first_stage)
+    (out,) = images.predict_images(
         tmp_path / "models",
         tmp_path / "new.nii.gz",
         tmp_path / "pred",
