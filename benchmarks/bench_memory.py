@@ -2,7 +2,8 @@
 
 ``kitsnet predict``'s path on the CPU from the image as read (float32, 0.5 x 0.8 x 0.8 mm) to
 the label map written on the original grid: normalisation + resampling to 0.78 mm (678 x 524 x
-815), sliding window (128^3, step 0.5, no mirroring), export and the NIfTI.  The network is one
+815), sliding window (128^3, step 0.5, no mirroring), export with the compact probabilities
+(as every prediction job writes them for the ensembles) and both files.  The network is one
 1x1x1 convolution: what scales with the case (image, logits, weights, labels) does not depend
 on it, and a U-Net on 960 tiles would take an hour on 2 cores.  Goal: peak RSS <= 16 GiB.  No
 peer: nnU-Net's export is compared by the ``export`` benchmark.
@@ -38,7 +39,8 @@ def setup(quick: bool) -> dict:
 
 
 def run_kitsnet(inputs: dict) -> dict:
-    from kitsnet.predict.infer import logits_to_original, predict_volume, write_prediction
+    from kitsnet.predict.infer import export_to_original, predict_volume, write_prediction
+    from kitsnet.predict.probabilities import save_probabilities
     from kitsnet.preprocess.case import preprocess_image
 
     image, plan = inputs["image"], inputs["plan"]
@@ -48,8 +50,10 @@ def run_kitsnet(inputs: dict) -> dict:
     inference = {"step_size": 0.5, "gaussian_sigma_scale": 0.125, "mirror": False}
     logits = predict_volume([inputs["net"]], pre, plan, inference, "cpu")
     del pre
-    seg = logits_to_original(logits, geometry, plan)
+    seg, probabilities = export_to_original(logits, geometry, plan)
     del logits
     with tempfile.TemporaryDirectory() as tmp:
         write_prediction(seg, geometry, Path(tmp) / "case.nii.gz")
-    return {"shape": seg.shape}
+        save_probabilities(Path(tmp) / "case.npz", probabilities)
+        npz = (Path(tmp) / "case.npz").stat().st_size
+    return {"shape": seg.shape, "probabilities_bytes": npz}
