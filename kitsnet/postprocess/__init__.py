@@ -1,7 +1,7 @@
 """Stage ``postprocess`` (rules/postprocess.smk): what nnU-Net users run after
-cross-validation.  Connected-component postprocessing of label maps, decided on the cross-validation predictions as nnU-Net decides it (greedy: a candidate is
-kept only where it raises the mean Dice of KiTS21's regions), with candidates that make sense for
-two kidneys.
+cross-validation.  Connected-component postprocessing of label maps, decided on the
+cross-validation predictions as nnU-Net decides it (greedy: a candidate is kept only where it
+raises the mean Dice of KiTS21's regions), with candidates that make sense for two kidneys.
 
 Modules: :mod:`~kitsnet.postprocess.components` (26-connected components with bounded memory),
 :mod:`~kitsnet.postprocess.candidates` (the candidate steps and the learned minimum volume),

@@ -83,8 +83,8 @@ def choose(
     best = read_best(path)
     pp = best.get("postprocessing") or {}
     score = (best.get("scores") or {}).get("kits_score")
-    reason = f"the best of model selection ({path}"
-    reason += f", kits_score {score:.4f})" if isinstance(score, float) else ")"
+    reason = f"the best of model selection in {path}"
+    reason += f", kits_score {score:.4f}" if isinstance(score, float) else ""
     steps = list(pp.get("steps") or []) if postprocessing else []
     return Choice(
         best["model"],
