@@ -32,7 +32,7 @@ SLURM_BASE = "/tmp/kitsnet-slurm-tests"
 # the kill/retry test shrinks the micro demo further: fewer cases and folds
 SMALL = "synthetic: {cases: 4, seed: 3}\nfolds: 2\n"
 FOLDS = range(5)  # the profile test runs the micro demo as it is: 5 configurations x 5 folds
-LOCAL_RULES = ("plan", "splits", "table1", "training_curves", "compute_cost")
+LOCAL_RULES = ("plan", "splits", "table1", "training_curves", "compute_cost", "model_selection")
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 
@@ -221,9 +221,14 @@ def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_p
     assert len(by_rule["roi_crops_crop_roi"]) == 1 and "crop_roi" not in by_rule
     # the 25 evaluations in group jobs of 5
     assert len(by_rule["evaluation_evaluate"]) == 5 and "evaluate" not in by_rule
+    # model selection's 10 ensembles and 15 postprocessing jobs: an ensemble and its
+    # postprocessing are one component, 3 components to a group job
+    selection = [r for r in by_rule if r.startswith("selection_")]
+    assert sum(len(by_rule[r]) for r in selection) == 5, sorted(by_rule)
+    assert "ensemble" not in by_rule and "postprocess" not in by_rule
     # one sbatch per job otherwise: synth, validate, fingerprint, 25 trainings, 25 predictions,
     # figures, and the group jobs
-    assert len(subs) == 1 + 1 + 1 + 25 + 25 + 1 + 1 + 1 + 5, sorted(by_rule)
+    assert len(subs) == 1 + 1 + 1 + 25 + 25 + 1 + 1 + 1 + 5 + 5, sorted(by_rule)
     for rule in (
         "synth",
         "validate_dataset",
@@ -231,6 +236,7 @@ def test_slurm_profile_runs_demo_with_gpu_requests_and_report(repo, slurm, tmp_p
         "preprocessing_preprocess",
         "roi_crops_crop_roi",
         "evaluation_evaluate",
+        *selection,
         "figures",
     ):
         assert by_rule[rule], rule
