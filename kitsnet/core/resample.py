@@ -231,24 +231,13 @@ def resample_argmax(
     new_shape = tuple(int(s) for s in new_shape)
     n_cls, shape = logits.shape[0], logits.shape[1:]
     axis = separate_z_axis(spacing, new_spacing, anisotropy_threshold)
-
-    def taps(a: int) -> tuple[np.ndarray, np.ndarray]:
-        if a == axis:
-            src = nearest_axis_index(shape[a], new_shape[a])
-            return src[:, None], np.ones((len(src), 1))
-        return axis_taps(shape[a], new_shape[a], 1)
-
-    plans = [taps(a) for a in range(len(shape))]
+    plans = slab_plans(shape, new_shape, axis)
     seg = np.empty(new_shape, dtype=np.uint8)
-    idx0, w0 = plans[0]
     for z0 in range(0, new_shape[0], slab):
         z1 = min(z0 + slab, new_shape[0])
-        lo, hi = int(idx0[z0:z1].min()), int(idx0[z0:z1].max()) + 1
         best = out = None
         for c in range(n_cls):
-            x = apply_taps(np.asarray(logits[c, lo:hi], np.float32), 0, idx0[z0:z1] - lo, w0[z0:z1])
-            for a in range(1, len(shape)):
-                x = apply_taps(x, a, *plans[a])
+            x = resample_slab(logits, c, z0, z1, plans)
             if best is None:
                 best, out = x, np.zeros(x.shape, dtype=np.uint8)
             else:
@@ -257,6 +246,36 @@ def resample_argmax(
                 np.maximum(best, x, out=best)
         seg[z0:z1] = out
     return seg
+
+
+def slab_plans(
+    shape: tuple[int, ...], new_shape: tuple[int, ...], axis: int | None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per axis, the taps of the logits' resampling: nearest along a separate slice ``axis``
+    (:func:`separate_z_axis`), else linear (:func:`axis_taps`)."""
+    plans = []
+    for a, (n_in, n_out) in enumerate(zip(shape, new_shape, strict=True)):
+        if a == axis:
+            src = nearest_axis_index(n_in, n_out)
+            plans.append((src[:, None], np.ones((len(src), 1))))
+        else:
+            plans.append(axis_taps(n_in, n_out, 1))
+    return plans
+
+
+def resample_slab(
+    logits: np.ndarray, c: int, z0: int, z1: int, plans: list[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
+    """Class ``c`` of (C, *S) ``logits`` resampled (float32) for output planes ``z0:z1``, from
+    only the input planes they need: the one computation :func:`resample_argmax` and the
+    export of probabilities (:mod:`kitsnet.predict.probabilities`) share, so their labels agree
+    byte for byte."""
+    idx0, w0 = plans[0]
+    lo, hi = int(idx0[z0:z1].min()), int(idx0[z0:z1].max()) + 1
+    x = apply_taps(np.asarray(logits[c, lo:hi], np.float32), 0, idx0[z0:z1] - lo, w0[z0:z1])
+    for a in range(1, len(plans)):
+        x = apply_taps(x, a, *plans[a])
+    return x
 
 
 def resample_labels(

@@ -32,13 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from kitsnet.core.io import KitsnetError, save_npz
-from kitsnet.core.resample import (
-    Spacing,
-    apply_taps,
-    axis_taps,
-    nearest_axis_index,
-    separate_z_axis,
-)
+from kitsnet.core.resample import Spacing, resample_slab, separate_z_axis, slab_plans
 
 __all__ = [
     "FORMAT",
@@ -140,18 +134,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _plans(shape, new_shape, axis: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per axis, resample_argmax's taps: nearest along a separate slice axis, else linear."""
-    plans = []
-    for a, (n_in, n_out) in enumerate(zip(shape, new_shape, strict=True)):
-        if a == axis:
-            src = nearest_axis_index(n_in, n_out)
-            plans.append((src[:, None], np.ones((len(src), 1))))
-        else:
-            plans.append(axis_taps(n_in, n_out, 1))
-    return plans
-
-
 def source_box(logits: np.ndarray, chunk: int = 16) -> Box | None:
     """Bounding box of the voxels where some foreground logit is within T of the background's
     (read ``chunk`` planes at a time); None when there is none."""
@@ -186,16 +168,6 @@ def output_box(src: Box | None, plans: list[tuple[np.ndarray, np.ndarray]]) -> B
     return box
 
 
-def _slab_logits(logits, c: int, z0: int, z1: int, plans) -> np.ndarray:
-    """Class ``c``'s logits resampled for output planes z0:z1, exactly as resample_argmax."""
-    idx0, w0 = plans[0]
-    lo, hi = int(idx0[z0:z1].min()), int(idx0[z0:z1].max()) + 1
-    x = apply_taps(np.asarray(logits[c, lo:hi], np.float32), 0, idx0[z0:z1] - lo, w0[z0:z1])
-    for a in range(1, len(plans)):
-        x = apply_taps(x, a, *plans[a])
-    return x
-
-
 def export_logits(
     logits: np.ndarray,
     new_shape: tuple[int, ...] | list[int],
@@ -212,7 +184,8 @@ def export_logits(
     """
     new_shape = tuple(int(s) for s in new_shape)
     n_cls, shape = logits.shape[0], logits.shape[1:]
-    plans = _plans(shape, new_shape, separate_z_axis(spacing, new_spacing, anisotropy_threshold))
+    axis = separate_z_axis(spacing, new_spacing, anisotropy_threshold)
+    plans = slab_plans(shape, new_shape, axis)
     box = output_box(source_box(logits), plans)
     q = np.empty((n_cls, *_extent(box)), dtype=np.uint8)
     seg = np.empty(new_shape, dtype=np.uint8)
@@ -224,7 +197,7 @@ def export_logits(
         best = out = None
         probs = []
         for c in range(n_cls):
-            x = _slab_logits(logits, c, z0, z1, plans)
+            x = resample_slab(logits, c, z0, z1, plans)
             if crop is not None:
                 probs.append(x[crop].copy())  # before the running maximum overwrites class 0
             if best is None:
