@@ -188,8 +188,8 @@ def check(quick: bool) -> dict[str, Any]:
     its ``average_probabilities`` of the members' float32 probabilities it exported."""
     from nnunetv2.ensembling.ensemble import average_probabilities
 
+    from kitsnet.predict.averaging import ensemble_argmax
     from kitsnet.predict.probabilities import (
-        ensemble_argmax,
         export_logits,
         load_probabilities,
         save_probabilities,

@@ -24,6 +24,8 @@ by float32 rounding (~1e-6 of the value range; ``tests/unit/preprocess/test_prep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
@@ -219,6 +221,7 @@ def resample_argmax(
     anisotropy_threshold: float = 3.0,
     new_spacing: Spacing | None = None,
     slab: int = 16,
+    class_order: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Arg-max over classes of (C, *S) logits resampled linearly to ``new_shape`` -> uint8.
 
@@ -227,6 +230,11 @@ def resample_argmax(
     holds the resampled logits: the output is built ``slab`` planes at a time along the first
     axis from the few input planes they need, one class at a time with a running maximum, so
     exporting a 1059 x 512 x 796 case needs tens of MB beyond the logits and the labels.
+
+    With ``class_order`` the channels are region logits (a region-based network): instead of
+    the arg-max, region ``c`` paints label ``class_order[c]`` where its resampled logit is
+    above 0 (sigmoid above 0.5), later regions over earlier ones
+    (:func:`kitsnet.core.regions.regions_to_labels`, nnU-Net's ``regions_class_order``).
     """
     new_shape = tuple(int(s) for s in new_shape)
     n_cls, shape = logits.shape[0], logits.shape[1:]
@@ -235,17 +243,35 @@ def resample_argmax(
     seg = np.empty(new_shape, dtype=np.uint8)
     for z0 in range(0, new_shape[0], slab):
         z1 = min(z0 + slab, new_shape[0])
-        best = out = None
+        decode = SlabDecoder(class_order)
         for c in range(n_cls):
-            x = resample_slab(logits, c, z0, z1, plans)
-            if best is None:
-                best, out = x, np.zeros(x.shape, dtype=np.uint8)
-            else:
-                better = x > best
-                out[better] = c
-                np.maximum(best, x, out=best)
-        seg[z0:z1] = out
+            decode.add(c, resample_slab(logits, c, z0, z1, plans))
+        seg[z0:z1] = decode.labels
     return seg
+
+
+class SlabDecoder:
+    """Labels of one slab from its channels, fed one at a time: the running arg-max of class
+    logits, or (``class_order``) the thresholded region logits painted in order.  The one
+    decoding :func:`resample_argmax` and the export of probabilities share."""
+
+    def __init__(self, class_order: Sequence[int] | None = None) -> None:
+        self.class_order = class_order
+        self.best: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+
+    def add(self, c: int, x: np.ndarray) -> None:
+        """Channel ``c``'s resampled logits (may be overwritten: copy them first if needed)."""
+        if self.labels is None:
+            self.labels = np.zeros(x.shape, dtype=np.uint8)
+        if self.class_order is not None:
+            self.labels[x > 0] = self.class_order[c]
+        elif self.best is None:
+            self.best = x
+        else:
+            better = x > self.best
+            self.labels[better] = c
+            np.maximum(self.best, x, out=self.best)
 
 
 def slab_plans(

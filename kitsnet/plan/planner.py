@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from kitsnet.core.io import KitsnetError
+from kitsnet.core.regions import region_settings
 from kitsnet.plan.topology import Topology, batch_size_for, fit_patch, pool_and_conv_props
 from kitsnet.stages import (
     CONFIGURATIONS,
@@ -22,6 +23,8 @@ from kitsnet.stages import (
     PREVIOUS_STAGE,
     ROI_CONFIGURATIONS,
     ROI_DEFAULTS,
+    base_configuration,
+    is_region_based,
 )
 
 
@@ -136,18 +139,21 @@ def make_plan(configuration: str, fp: dict, cfg: dict) -> dict:
     Spacing and patch come from the config (or nnU-Net's rules where they say ``auto``); the
     depth, strides and kernels always follow from them by nnU-Net's topology rule
     (:mod:`kitsnet.plan.topology`); widths double from ``base_features`` up to the 2D or 3D cap.
+    A region-based configuration (``<base>_regions``) has its base's plan and the regions
+    (:mod:`kitsnet.core.regions`).
     """
     if configuration not in CONFIGURATIONS:
         raise KitsnetError(f"unknown configuration {configuration!r} (one of {CONFIGURATIONS})")
+    base = base_configuration(configuration)
     pc = cfg["plan"]
     fi = fp["foreground_intensity"]
-    dim = 2 if configuration == "2d" else 3
+    dim = 2 if base == "2d" else 3
     cap = int(pc["max_features_2d"] if dim == 2 else pc["max_features_3d"])
 
     def features(n: int) -> list[int]:
         return features_per_stage(int(pc["base_features"]), cap, n)
 
-    grid = _grid(configuration, fp, pc, features)
+    grid = _grid(base, fp, pc, features)
     topo = _topology(grid, grid["spacing"], features, pc)
     topo = _limit_stages(topo, grid["n_stages"], configuration)
     batch = grid["batch"]
@@ -158,6 +164,8 @@ def make_plan(configuration: str, fp: dict, cfg: dict) -> dict:
     batch_dice = pc.get("batch_dice", "auto")
     prev = PREVIOUS_STAGE.get(configuration)
     extra = {"roi": roi_settings(pc)} if configuration in ROI_CONFIGURATIONS else {}
+    if is_region_based(configuration):
+        extra.update(region_settings())
     return {
         "configuration": configuration,
         "data": DATA_OF[configuration],
@@ -166,7 +174,7 @@ def make_plan(configuration: str, fp: dict, cfg: dict) -> dict:
         "patch_size": topo.patch_size,
         "batch_size": int(batch),
         # nnU-Net's planner: per-sample Dice for 3d_lowres, batch Dice for the others
-        "batch_dice": configuration != "3d_lowres" if batch_dice == "auto" else bool(batch_dice),
+        "batch_dice": base != "3d_lowres" if batch_dice == "auto" else bool(batch_dice),
         "num_classes": NUM_CLASSES,
         # image + one-hot channels for labels 1..3 of the previous stage's segmentation
         "in_channels": 1 + (NUM_CLASSES - 1 if prev else 0),

@@ -20,6 +20,7 @@ from pathlib import Path
 from kitsnet.core.io import KitsnetError, load_json, load_volume
 from kitsnet.postprocess.apply import apply_steps
 from kitsnet.postprocess.selection import read_best
+from kitsnet.predict.averaging import ensemble
 from kitsnet.predict.images import (
     DEFAULT_INFERENCE,
     ConfigurationModels,
@@ -28,13 +29,7 @@ from kitsnet.predict.images import (
     scan_prediction,
 )
 from kitsnet.predict.infer import write_prediction
-from kitsnet.predict.probabilities import (
-    CompactProbabilities,
-    average,
-    ensemble_argmax,
-    quantise,
-    save_probabilities,
-)
+from kitsnet.predict.probabilities import save_probabilities
 from kitsnet.preprocess.case import geometry_of
 from kitsnet.stages import CONFIGURATIONS, FINAL_MODEL
 
@@ -134,7 +129,8 @@ def predict_best(
     log=print,
 ) -> list[Path]:
     """Segment the scans at ``input_path`` with the chosen model; ``out_dir/<case>.nii.gz``
-    on each scan's grid, and with ``save_probs`` its class probabilities ``<case>.npz``.
+    on each scan's grid, and with ``save_probs`` its class (or region) probabilities
+    ``<case>.npz``.
     ``inference`` overrides the sliding-window settings the workflow recorded in
     ``best_configuration.json`` (else :data:`DEFAULT_INFERENCE`, mirroring on)."""
     from kitsnet.core.device import pick_device
@@ -154,13 +150,8 @@ def predict_best(
         preds = [
             scan_prediction(m, vol, name, inf, dev, TileProgress(name, m.name)) for m in members
         ]
-        if len(preds) == 1:
-            seg, probs = preds[0]
-        else:
-            members = [p for _, p in preds]
-            seg = ensemble_argmax(members)
-            box, mean = average(members)
-            probs = CompactProbabilities(quantise(mean), box, members[0].shape)
+        # an ensemble: the members' probabilities averaged (regions if either is region-based)
+        seg, probs = preds[0] if len(preds) == 1 else ensemble([p for _, p in preds])
         geometry = geometry_of(vol, name)
         if choice.steps:
             seg = apply_steps(

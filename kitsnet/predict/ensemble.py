@@ -1,11 +1,13 @@
 """Ensembles of configurations from their compact probabilities (nnU-Net's ensembling).
 
 Why: nnU-Net's ``nnUNetv2_ensemble`` averages the members' softmax probabilities on the
-original grid and takes the arg-max; model selection scores every two-configuration ensemble
-that way on the out-of-fold cases.  Here the members' probabilities are the compact files the
-prediction jobs write (:mod:`kitsnet.predict.probabilities`), and the ensemble's label map gets
-exactly the geometry (affine, zooms, sform/qform codes) of the first member's prediction, which
-is the input image's.
+original grid and takes the arg-max (region-based members: their sigmoids, then each region
+above 0.5; a mix of both averages regions, :mod:`kitsnet.predict.averaging`); model
+selection scores every two-configuration ensemble that way on the out-of-fold cases.  Here
+the members' probabilities are the compact files the prediction jobs write
+(:mod:`kitsnet.predict.probabilities`), and the ensemble's label map gets exactly the geometry
+(affine, zooms, sform/qform codes) of the first member's prediction, which is the input
+image's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import nibabel as nib
 import numpy as np
 
 from kitsnet.core.io import KitsnetError, save_volume
-from kitsnet.predict.probabilities import ensemble_argmax, load_probabilities
+from kitsnet.core.regions import REGIONS
+from kitsnet.predict.averaging import ensemble_labels
+from kitsnet.predict.probabilities import (
+    CLASSES,
+    REGIONS_KIND,
+    CompactProbabilities,
+    load_probabilities,
+)
+from kitsnet.stages import NUM_CLASSES
 
 __all__ = ["ensemble_case", "ensemble_folder"]
 
@@ -37,6 +47,15 @@ def _geometry(path: Path, case: str) -> nib.Nifti1Image:
         ) from exc
 
 
+def _compatible(a: CompactProbabilities, b: CompactProbabilities) -> bool:
+    """Whether two members can be averaged: the same kind and channels, or KiTS's classes
+    (background, kidney, tumor, cyst) beside its regions (kidney, masses, tumor)."""
+    if (a.kind, a.n_classes) == (b.kind, b.n_classes):
+        return True
+    expected = {CLASSES: NUM_CLASSES, REGIONS_KIND: len(REGIONS)}
+    return all(m.n_classes == expected.get(m.kind) for m in (a, b))
+
+
 def ensemble_case(
     case: str, prob_paths: list[PathLike], geometry_path: PathLike, out_path: PathLike
 ) -> None:
@@ -53,13 +72,14 @@ def ensemble_case(
                 f"{case}: {path}: probabilities on a grid of {list(cp.shape)}, but the "
                 f"prediction {geometry_path} has {list(shape)}"
             )
-        if members and cp.n_classes != members[0].n_classes:
+        first = members[0] if members else cp
+        if not _compatible(cp, first):
             raise KitsnetError(
-                f"{case}: {path}: {cp.n_classes} classes, but {prob_paths[0]} has "
-                f"{members[0].n_classes}"
+                f"{case}: {path}: {cp.n_classes} {cp.kind}, but {prob_paths[0]} has "
+                f"{first.n_classes} {first.kind}"
             )
         members.append(cp)
-    seg = ensemble_argmax(members)
+    seg = ensemble_labels(members)
     header = ref.header
     zooms = tuple(float(z) for z in header.get_zooms()[:3])
     save_volume(seg.astype(np.uint8), out_path, ref.affine, header=header, spacing=zooms)

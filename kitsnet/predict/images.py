@@ -17,6 +17,7 @@ import torch
 from kitsnet.core.io import KitsnetError, Volume, load_volume
 from kitsnet.predict.infer import (
     Progress,
+    class_order,
     export_to_original,
     load_models,
     logits_to_next_stage,
@@ -116,7 +117,7 @@ def _second_stage(nets, plan, inference, image, prev, name, device, progress) ->
         )
         for b in boxes
     ]
-    return paste_logits(parts, boxes, image.shape[1:])
+    return paste_logits(parts, boxes, image.shape[1:], class_order(plan) is not None)
 
 
 def scan_prediction(

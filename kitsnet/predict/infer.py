@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kitsnet.core.io import load_json, save_volume
+from kitsnet.core.regions import output_channels, plan_regions
 from kitsnet.core.resample import resample_argmax
 from kitsnet.model.checkpoint import load_checkpoint
 from kitsnet.model.network import build_network
@@ -55,7 +56,7 @@ def predict_volume(
     """Logits of a preprocessed (C, Z, Y, X) volume on its own grid; 2D plans go slice by slice.
     ``progress(done, total)`` counts tiles over the whole volume (all slices of a 2D plan)."""
     kw = dict(
-        num_classes=plan["num_classes"],
+        num_classes=output_channels(plan),
         step=inference["step_size"],
         sigma_scale=inference["gaussian_sigma_scale"],
         mirror=inference["mirror"],
@@ -65,7 +66,7 @@ def predict_volume(
     patch = list(plan["patch_size"])
     if plan["arch"]["dim"] == 3:
         return sliding_window(networks, image, patch, progress=progress, **kw)
-    out = np.empty((plan["num_classes"], *image.shape[1:]), dtype=np.float32)
+    out = np.empty((output_channels(plan), *image.shape[1:]), dtype=np.float32)
     n_slices = image.shape[1]
     for z in range(n_slices):
         each = None
@@ -86,7 +87,7 @@ def load_models(
     for p in paths:
         ck = load_checkpoint(Path(p))
         plan = json.loads(ck["plan"])
-        net = build_network(plan["arch"], plan["in_channels"], plan["num_classes"])
+        net = build_network(plan["arch"], plan["in_channels"], output_channels(plan))
         net.load_state_dict(ck["state_dict"])
         net.deep_supervision = False
         nets.append(net.to(device).eval())
@@ -94,8 +95,16 @@ def load_models(
     return nets, plan
 
 
+def class_order(plan: dict) -> list[int] | None:
+    """How the plan's logits become labels: None (arg-max over classes), or a region-based
+    plan's ``regions_class_order`` (:mod:`kitsnet.core.regions`)."""
+    regions = plan_regions(plan)
+    return regions[1] if regions else None
+
+
 def logits_to_original(logits: np.ndarray, geometry: dict, plan: dict) -> np.ndarray:
-    """Labels on the original grid: logits resampled linearly and arg-maxed, slab by slab.
+    """Labels on the original grid: logits resampled linearly and arg-maxed (regions:
+    thresholded and painted in class order), slab by slab.
 
     The logits are on the case's grid for ``plan`` (a 2D plan's grid keeps the case's own
     slice spacing, :func:`kitsnet.preprocess.case.grid_spacing`)."""
@@ -106,6 +115,7 @@ def logits_to_original(logits: np.ndarray, geometry: dict, plan: dict) -> np.nda
         grid_spacing(plan, original),
         plan["anisotropy_threshold"],
         new_spacing=original,
+        class_order=class_order(plan),
     )
 
 
@@ -122,14 +132,18 @@ def export_to_original(
         grid_spacing(plan, original),
         plan["anisotropy_threshold"],
         new_spacing=original,
+        class_order=class_order(plan),
     )
 
 
 def logits_to_next_stage(
     logits: np.ndarray, shape: list[int], plan: dict, spacing: list[float]
 ) -> np.ndarray:
-    """Lowres logits resampled (linear) to the fullres grid and arg-maxed -> uint8 labels."""
-    return resample_argmax(logits, shape, spacing, plan["anisotropy_threshold"])
+    """Lowres logits resampled (linear) to the fullres grid and arg-maxed (regions: see
+    :func:`logits_to_original`) -> uint8 labels."""
+    return resample_argmax(
+        logits, shape, spacing, plan["anisotropy_threshold"], class_order=class_order(plan)
+    )
 
 
 def write_prediction(seg: np.ndarray, geometry: dict, out_path: str | Path) -> None:
@@ -175,7 +189,8 @@ def predict_cropped_case(
         image = with_previous_stage(image, prev, plan["num_classes"])
         parts.append(predict_volume(networks, image, plan, inference, device))
     boxes = [Box.from_json(b) for b in manifest["boxes"]]
-    return paste_logits(parts, boxes, manifest["shape"]), manifest
+    regions = class_order(plan) is not None
+    return paste_logits(parts, boxes, manifest["shape"], regions), manifest
 
 
 def predict_fold(

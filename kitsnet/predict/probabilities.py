@@ -20,45 +20,61 @@ The probabilities are nnU-Net's export (resample the logits linearly, softmax) a
 in the same pass, slab by slab, as the arg-max segmentation of
 :func:`kitsnet.core.resample.resample_argmax`, which they must not change: the segmentation
 here is byte-identical to it (same taps, same float32 operations, the same running maximum).
+
+A region-based network (:mod:`kitsnet.core.regions`) has one sigmoid per region instead: its
+file holds ``kind`` "regions", each region's probability rounded to uint8 on its own (no sum),
+0 outside the box, which is where some region logit exceeds -log(2 * 255) (below it a sigmoid
+is under 1/(2 * 255) and rounds to 0).  Averaging regions and classes (nnU-Net cannot mix
+them) is :mod:`kitsnet.predict.averaging`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kitsnet.core.io import KitsnetError, save_npz
-from kitsnet.core.resample import Spacing, resample_slab, separate_z_axis, slab_plans
+from kitsnet.core.resample import (
+    SlabDecoder,
+    Spacing,
+    resample_slab,
+    separate_z_axis,
+    slab_plans,
+)
 
 __all__ = [
+    "CLASSES",
     "FORMAT",
     "LEVELS",
+    "REGIONS_KIND",
     "CompactProbabilities",
-    "average",
     "background_margin",
-    "ensemble_argmax",
     "export_logits",
     "load_probabilities",
     "output_box",
     "quantise",
+    "quantise_regions",
     "save_probabilities",
     "source_box",
-    "union_box",
 ]
 
 FORMAT = "kitsnet-compact-probabilities/1"
 LEVELS = 255  # quantisation steps: a voxel's classes sum to exactly this
+CLASSES, REGIONS_KIND = "classes", "regions"  # softmax over labels, sigmoid per region
 Box = list[list[int]]  # [lo, hi) per axis
 
 
-def background_margin(n_classes: int) -> float:
+def background_margin(n_classes: int, kind: str = CLASSES) -> float:
     """T: where every foreground logit is more than T below the background's, each foreground
-    probability is at most 1 / (2 * LEVELS * C) and quantises to 0 (see the module docstring)."""
-    return math.log(2 * LEVELS * n_classes)
+    probability is at most 1 / (2 * LEVELS * C) and quantises to 0 (see the module docstring);
+    for regions, where every region logit is below -T, every sigmoid is below 1 / (2 * LEVELS)
+    and rounds to 0."""
+    return math.log(2 * LEVELS * (n_classes if kind == CLASSES else 1))
 
 
 def _extent(box: Box) -> tuple[int, ...]:
@@ -72,11 +88,12 @@ def _empty_box(ndim: int) -> Box:
 @dataclass
 class CompactProbabilities:
     """uint8 probabilities ``q`` (C, *box extent) inside ``box`` of a grid of ``shape``; every
-    voxel outside the box is (255, 0, ..., 0)."""
+    voxel outside the box is (255, 0, ..., 0), or all 0 for ``kind`` "regions"."""
 
     q: np.ndarray
     box: Box
     shape: tuple[int, ...]
+    kind: str = CLASSES
 
     @property
     def n_classes(self) -> int:
@@ -85,7 +102,8 @@ class CompactProbabilities:
     def region_q(self, box: Box) -> np.ndarray:
         """The uint8 values over any ``box`` of the grid (parts outside ``self.box`` filled)."""
         out = np.zeros((self.n_classes, *_extent(box)), dtype=np.uint8)
-        out[0] = LEVELS
+        if self.kind == CLASSES:
+            out[0] = LEVELS
         inter = [[max(a, c), min(b, d)] for (a, b), (c, d) in zip(box, self.box, strict=True)]
         if all(lo < hi for lo, hi in inter):
             dst = tuple(slice(lo - b[0], hi - b[0]) for (lo, hi), b in zip(inter, box, strict=True))
@@ -126,6 +144,21 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     return q.astype(np.uint8)
 
 
+def quantise_regions(probs: np.ndarray) -> np.ndarray:
+    """uint8 (R, ...) region probabilities: each rounded to the nearest 1/255 on its own."""
+    v = np.asarray(probs, dtype=np.float32) * np.float32(LEVELS)
+    return np.rint(np.clip(v, 0, LEVELS, out=v)).astype(np.uint8)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Sigmoid in place (float32), as nnU-Net's export applies it to region logits."""
+    np.negative(x, out=x)
+    np.exp(x, out=x)
+    x += 1
+    np.reciprocal(x, out=x)
+    return x
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over axis 0 in place (float32), as nnU-Net's export applies it to the logits."""
     x -= x.max(0, keepdims=True)
@@ -134,15 +167,19 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def source_box(logits: np.ndarray, chunk: int = 16) -> Box | None:
+def source_box(logits: np.ndarray, chunk: int = 16, kind: str = CLASSES) -> Box | None:
     """Bounding box of the voxels where some foreground logit is within T of the background's
-    (read ``chunk`` planes at a time); None when there is none."""
+    (regions: some region logit above -T), read ``chunk`` planes at a time; None when there
+    is none."""
     n_cls, shape = logits.shape[0], logits.shape[1:]
-    margin = np.float32(-background_margin(n_cls))
+    margin = np.float32(-background_margin(n_cls, kind))
     hit = [np.zeros(s, dtype=bool) for s in shape]
     for z0 in range(0, shape[0], chunk):
         lg = np.asarray(logits[:, z0 : z0 + chunk], dtype=np.float32)
-        diff = lg[1:].max(0) - lg[0] if n_cls > 1 else np.full(lg.shape[1:], -np.inf)
+        if kind != CLASSES:
+            diff = lg.max(0)
+        else:
+            diff = lg[1:].max(0) - lg[0] if n_cls > 1 else np.full(lg.shape[1:], -np.inf)
         mask = diff > margin
         for a in range(len(shape)):
             seen = mask.any(axis=tuple(b for b in range(len(shape)) if b != a))
@@ -175,18 +212,24 @@ def export_logits(
     anisotropy_threshold: float = 3.0,
     new_spacing: Spacing | None = None,
     slab: int = 16,
+    class_order: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, CompactProbabilities]:
-    """(C, *S) logits -> the uint8 arg-max labels on ``new_shape`` (byte-identical to
-    ``resample_argmax`` with the same arguments) and the compact probabilities there.
+    """(C, *S) logits -> the uint8 labels on ``new_shape`` (byte-identical to
+    ``resample_argmax`` with the same arguments) and the compact probabilities there: class
+    probabilities (softmax), or with ``class_order`` region probabilities (sigmoid; labels by
+    nnU-Net's ``regions_class_order``).
 
     Memory: one slab of resampled logits per class at a time, as ``resample_argmax``, plus the
     softmax of the slab's part of the box: never the whole resampled volume in float.
     """
+    kind = CLASSES if class_order is None else REGIONS_KIND
+    squash = _softmax if class_order is None else _sigmoid
+    level = quantise if class_order is None else quantise_regions
     new_shape = tuple(int(s) for s in new_shape)
     n_cls, shape = logits.shape[0], logits.shape[1:]
     axis = separate_z_axis(spacing, new_spacing, anisotropy_threshold)
     plans = slab_plans(shape, new_shape, axis)
-    box = output_box(source_box(logits), plans)
+    box = output_box(source_box(logits, kind=kind), plans)
     q = np.empty((n_cls, *_extent(box)), dtype=np.uint8)
     seg = np.empty(new_shape, dtype=np.uint8)
     (b0, b1), inplane = box[0], tuple(slice(lo, hi) for lo, hi in box[1:])
@@ -194,32 +237,29 @@ def export_logits(
         z1 = min(z0 + slab, new_shape[0])
         i0, i1 = max(z0, b0), min(z1, b1)
         crop = (slice(i0 - z0, i1 - z0), *inplane) if i0 < i1 else None
-        best = out = None
+        decode = SlabDecoder(class_order)
         probs = []
         for c in range(n_cls):
             x = resample_slab(logits, c, z0, z1, plans)
             if crop is not None:
                 probs.append(x[crop].copy())  # before the running maximum overwrites class 0
-            if best is None:
-                best, out = x, np.zeros(x.shape, dtype=np.uint8)
-            else:
-                better = x > best
-                out[better] = c
-                np.maximum(best, x, out=best)
-        seg[z0:z1] = out
+            decode.add(c, x)
+        seg[z0:z1] = decode.labels
         if crop is not None:
-            q[:, i0 - b0 : i1 - b0] = quantise(_softmax(np.stack(probs)))
-    return seg, CompactProbabilities(q=q, box=box, shape=new_shape)
+            q[:, i0 - b0 : i1 - b0] = level(squash(np.stack(probs)))
+    return seg, CompactProbabilities(q=q, box=box, shape=new_shape, kind=kind)
 
 
 def save_probabilities(path: str | os.PathLike[str], cp: CompactProbabilities) -> None:
-    """Write ``cp`` as a compressed .npz (keys probabilities, box, shape, format), atomically."""
+    """Write ``cp`` as a compressed .npz (keys probabilities, box, shape, format, kind),
+    atomically."""
     save_npz(
         path,
         probabilities=cp.q,
         box=np.asarray(cp.box, dtype=np.int64).reshape(len(cp.shape), 2),
         shape=np.asarray(cp.shape, dtype=np.int64),
         format=np.array(FORMAT),
+        kind=np.array(cp.kind),
     )
 
 
@@ -230,6 +270,9 @@ def _problem(arrays: dict[str, np.ndarray]) -> str | None:
         return f"not compact probabilities: missing {sorted(missing)}"
     if str(arrays["format"]) != FORMAT:
         return f"format {str(arrays['format'])!r}, expected {FORMAT!r}"
+    kind = str(arrays.get("kind", CLASSES))
+    if kind not in (CLASSES, REGIONS_KIND):
+        return f"kind {kind!r}, expected {CLASSES!r} or {REGIONS_KIND!r}"
     q, box, shape = arrays["probabilities"], arrays["box"], arrays["shape"]
     if q.dtype != np.uint8 or box.shape != (len(shape), 2) or q.ndim != len(shape) + 1:
         return f"inconsistent arrays: probabilities {q.dtype} {q.shape}, box {box.shape}"
@@ -240,7 +283,7 @@ def _problem(arrays: dict[str, np.ndarray]) -> str | None:
     if q.shape[1:] != _extent(box.tolist()):
         return f"probabilities {q.shape} do not fill the box {box.tolist()}"
     sums = q.sum(0, dtype=np.uint16)
-    if sums.size and not np.all(sums == LEVELS):
+    if kind == CLASSES and sums.size and not np.all(sums == LEVELS):
         return f"{int((sums != LEVELS).sum())} voxels whose probabilities do not sum to {LEVELS}"
     return None
 
@@ -264,53 +307,5 @@ def load_probabilities(
     if problem:
         raise KitsnetError(f"{who}{path}: {problem}")
     shape = tuple(int(s) for s in arrays["shape"])
-    return CompactProbabilities(arrays["probabilities"], arrays["box"].tolist(), shape)
-
-
-def union_box(members: list[CompactProbabilities]) -> Box:
-    """The smallest box holding every member's (non-empty) box."""
-    boxes = [m.box for m in members if all(lo < hi for lo, hi in m.box)]
-    if not boxes:
-        return _empty_box(len(members[0].shape))
-    return [
-        [min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)] for a in range(len(boxes[0]))
-    ]
-
-
-def _check_members(members: list[CompactProbabilities]) -> None:
-    if not members:
-        raise ValueError("an ensemble needs at least one member")
-    grids = {(m.n_classes, tuple(m.shape)) for m in members}
-    if len(grids) > 1:
-        raise ValueError(f"members on different grids (classes, shape): {sorted(grids)}")
-
-
-def _mean(members: list[CompactProbabilities], box: Box) -> np.ndarray:
-    """nnU-Net's ``average_probabilities`` over ``box``: float32 sum in member order, / n."""
-    avg = members[0].region(box)
-    for m in members[1:]:
-        avg += m.region(box)
-    avg /= np.float32(len(members))
-    return avg
-
-
-def average(members: list[CompactProbabilities]) -> tuple[Box, np.ndarray]:
-    """The members' mean probabilities (float32) over the union of their boxes, and that box
-    (outside it every member, and so the mean, is (1, 0, ..., 0))."""
-    _check_members(members)
-    box = union_box(members)
-    return box, _mean(members, box)
-
-
-def ensemble_argmax(members: list[CompactProbabilities], slab: int = 16) -> np.ndarray:
-    """uint8 labels on the full grid: arg-max (ties: the lowest class) of the members' mean
-    q / 255 inside the union of their boxes, 0 outside; ``slab`` planes at a time."""
-    _check_members(members)
-    seg = np.zeros(members[0].shape, dtype=np.uint8)
-    box = union_box(members)
-    (b0, b1), rest = box[0], box[1:]
-    for z0 in range(b0, b1, slab):
-        z1 = min(z0 + slab, b1)
-        part = [[z0, z1], *rest]
-        seg[tuple(slice(lo, hi) for lo, hi in part)] = _mean(members, part).argmax(0)
-    return seg
+    kind = str(arrays.get("kind", CLASSES))  # files of kitsnet 0.x before regions: classes
+    return CompactProbabilities(arrays["probabilities"], arrays["box"].tolist(), shape, kind)

@@ -262,16 +262,21 @@ def case_items(data_dir: str | Path, case: str) -> list[str]:
 
 
 def paste_logits(
-    parts: list[np.ndarray], boxes: list[Box], shape: list[int] | tuple[int, ...]
+    parts: list[np.ndarray],
+    boxes: list[Box],
+    shape: list[int] | tuple[int, ...],
+    regions: bool = False,
 ) -> np.ndarray:
     """The logits of each box written into a whole-grid array of ``shape`` (spatial) whose
-    other voxels are a certain background (:data:`OUTSIDE_LOGIT`).  Boxes never overlap
-    (:func:`merge_overlapping`), so each voxel has at most one prediction."""
+    other voxels are a certain background (:data:`OUTSIDE_LOGIT` for every foreground class,
+    0 for background; for region logits, ``regions``, every region at OUTSIDE_LOGIT).  Boxes
+    never overlap (:func:`merge_overlapping`), so each voxel has at most one prediction."""
     if len(parts) != len(boxes):
         raise ValueError(f"{len(parts)} predictions for {len(boxes)} boxes")
     n_classes = parts[0].shape[0]
     full = np.full((n_classes, *shape), OUTSIDE_LOGIT, dtype=np.float32)
-    full[0] = 0.0
+    if not regions:
+        full[0] = 0.0
     for part, box in zip(parts, boxes, strict=True):
         if tuple(part.shape[1:]) != box.shape:
             raise ValueError(f"prediction {list(part.shape[1:])} does not fit box {box}")

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from kitsnet.core.device import amp_dtype
+from kitsnet.core.regions import output_channels, plan_regions
 from kitsnet.model.network import build_network
-from kitsnet.train.loss import deep_supervision_weights, total_loss
+from kitsnet.train.loss import deep_supervision_weights, region_targets, total_loss
 from kitsnet.train.pipeline import InputPipeline
 
 __all__ = ["TrainingState", "TrainingSteps", "compiled_network", "memory_format_for"]
@@ -32,7 +33,7 @@ class TrainingState:
 
     def __init__(self, plan: dict, training: dict, seed: int, fold: int, dev: torch.device) -> None:
         torch.manual_seed(seed + fold)
-        self.net = build_network(plan["arch"], plan["in_channels"], plan["num_classes"]).to(dev)
+        self.net = build_network(plan["arch"], plan["in_channels"], output_channels(plan)).to(dev)
         self.opt = torch.optim.SGD(
             self.net.parameters(),
             lr=training["initial_lr"],
@@ -122,6 +123,8 @@ class TrainingSteps:
         )
         self.batch_dice = bool(plan.get("batch_dice", True))
         self.num_classes, self.grad_clip = plan["num_classes"], training["grad_clip"]
+        found = plan_regions(plan)
+        self.regions = found[0] if found else None
         self.amp_dtype = amp_dtype(dev)
         self.fmt = memory_format_for(int(arch["dim"]), dev, training)
         state.net.to(memory_format=self.fmt)
@@ -136,7 +139,7 @@ class TrainingSteps:
         # the loss inside autocast as nnU-Net; total_loss computes it in float32
         on = self.amp_dtype is not None
         with torch.autocast(self.dev.type, dtype=self.amp_dtype, enabled=on):
-            return total_loss(net(x), targets, self.weights, self.batch_dice)
+            return total_loss(net(x), targets, self.weights, self.batch_dice, self.regions)
 
     def step(self, state: TrainingState, batch: dict) -> torch.Tensor:
         """One SGD step on a batch from the pipeline; returns its loss (on the device)."""
@@ -163,9 +166,11 @@ class TrainingSteps:
 
     @torch.no_grad()
     def validate(self, state: TrainingState, val_batches: list[dict]) -> tuple[float, float]:
-        """Validation loss and nnU-Net's pseudo-Dice (per-class TP/FP/FN summed over patches)."""
+        """Validation loss and nnU-Net's pseudo-Dice (per-class TP/FP/FN summed over patches;
+        per region, of the sigmoids above 0.5, for a region-based plan)."""
         state.net.eval()
-        counts = torch.zeros(3, self.num_classes - 1, device=self.dev, dtype=torch.float64)
+        n = len(self.regions) if self.regions else self.num_classes - 1
+        counts = torch.zeros(3, n, device=self.dev, dtype=torch.float64)
         losses = []
         for batch in val_batches:
             x, targets = self.pipeline.finish(batch, self.dev)
@@ -173,20 +178,32 @@ class TrainingSteps:
             on = self.amp_dtype is not None
             with torch.autocast(self.dev.type, dtype=self.amp_dtype, enabled=on):
                 out = state.net(x)
-                losses.append(total_loss(out, targets, self.weights, self.batch_dice).detach())
-            pred = (out[0] if isinstance(out, list | tuple) else out).argmax(1)
-            y = targets[0][:, 0]
-            for k in range(1, self.num_classes):
-                p, t = pred == k, y == k
-                counts[0, k - 1] += (p & t).sum()
-                counts[1, k - 1] += (p & ~t).sum()
-                counts[2, k - 1] += (~p & t).sum()
+                loss = total_loss(out, targets, self.weights, self.batch_dice, self.regions)
+                losses.append(loss.detach())
+            self._count(out[0] if isinstance(out, list | tuple) else out, targets[0], counts)
         state.net.train()
         tp, fp, fn = counts.cpu().numpy()
         denom = 2 * tp + fp + fn
         dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
         loss = float(torch.stack(losses).float().mean()) if losses else math.nan
         return loss, float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+
+    def _count(self, out: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add one batch's TP, FP, FN per class (arg-max) or per region (logit > 0, nnU-Net's
+        sigmoid > 0.5) to ``counts``; ``labels`` is (B, 1, *S)."""
+        if self.regions:
+            pred, truth = out > 0, region_targets(labels, self.regions) > 0
+            axes = [0, *range(2, out.ndim)]
+            counts[0] += (pred & truth).sum(axes)
+            counts[1] += (pred & ~truth).sum(axes)
+            counts[2] += (~pred & truth).sum(axes)
+            return
+        pred, y = out.argmax(1), labels[:, 0]
+        for k in range(1, self.num_classes):
+            p, t = pred == k, y == k
+            counts[0, k - 1] += (p & t).sum()
+            counts[1, k - 1] += (p & ~t).sum()
+            counts[2, k - 1] += (~p & t).sum()
 
 
 def compiled_network(

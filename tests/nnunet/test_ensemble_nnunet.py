@@ -25,7 +25,8 @@ pytest.importorskip("nnunetv2", reason="nnU-Net v2 is only installed with the 'p
 from nnunetv2.ensembling.ensemble import average_probabilities  # noqa: E402
 from nnunetv2.inference.export_prediction import export_prediction_from_logits  # noqa: E402
 
-from kitsnet.predict.probabilities import average, ensemble_argmax, export_logits  # noqa: E402
+from kitsnet.predict.averaging import average, ensemble_argmax  # noqa: E402
+from kitsnet.predict.probabilities import export_logits  # noqa: E402
 from tests.reference.nnunet_plans import dataset_json, plans_manager  # noqa: E402
 
 pytestmark = [pytest.mark.peer, pytest.mark.usefixtures("one_torch_thread")]

@@ -14,7 +14,7 @@ from kitsnet.plan.fingerprint import fingerprint
 from kitsnet.plan.planner import auto_lowres_spacing, features_per_stage, make_plan
 from kitsnet.plan.splits import load_or_make_splits, make_splits
 from kitsnet.plan.topology import pool_and_conv_props
-from kitsnet.stages import CONFIGURATIONS
+from kitsnet.stages import BASE_CONFIGURATIONS, CONFIGURATIONS
 
 
 def test_splits_partition_the_cases_and_are_sorted():
@@ -80,13 +80,28 @@ def test_fingerprint_and_plans_of_tiny_dataset(tiny_kits, repo):
     assert two["spacing"] == [0.78125] * 2  # in-plane; each case keeps its slice spacing
     assert two["arch"]["features_per_stage"] == [30, 60, 120, 240, 480, 480, 480, 480]
     # nnU-Net's planner: per-sample Dice for the lowres stage only
-    assert {c: p["batch_dice"] for c, p in plans.items()} == {
+    assert {c: p["batch_dice"] for c, p in plans.items() if c in BASE_CONFIGURATIONS} == {
         "2d": True,
         "3d_fullres": True,
         "3d_lowres": False,
         "3d_cascade_fullres": True,
         "3d_cascade_roi": True,
     }
+
+
+def test_region_based_plan_is_its_base_plan_with_nnunets_kits_regions(tiny_kits, repo):
+    cases = sorted(p.name for p in tiny_kits.iterdir())
+    fp = fingerprint([(c, image_path(tiny_kits, c), label_path(tiny_kits, c)) for c in cases])
+    cfg = yaml.safe_load((repo / "config" / "kits21.yaml").read_text())
+    for base in BASE_CONFIGURATIONS:
+        plan, ref = make_plan(f"{base}_regions", fp, cfg), make_plan(base, fp, cfg)
+        assert plan.pop("configuration") == f"{base}_regions"
+        assert plan.pop("regions") == [[1, 2, 3], [2, 3], [2]]
+        assert plan.pop("region_names") == ["kidney", "masses", "tumor"]
+        assert plan.pop("regions_class_order") == [1, 3, 2]
+        ref.pop("configuration")
+        # same data, previous stage (the label-based lowres), network, batch Dice and ROI
+        assert plan == ref
 
 
 def test_auto_lowres_spacing_grows_until_patch_covers_a_quarter():

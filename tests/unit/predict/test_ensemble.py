@@ -9,13 +9,9 @@ from scipy import ndimage
 
 from kitsnet.core.io import KitsnetError, save_volume
 from kitsnet.core.resample import resample
+from kitsnet.predict.averaging import average, ensemble_argmax
 from kitsnet.predict.ensemble import ensemble_folder
-from kitsnet.predict.probabilities import (
-    average,
-    ensemble_argmax,
-    export_logits,
-    save_probabilities,
-)
+from kitsnet.predict.probabilities import export_logits, save_probabilities
 
 ORIGINAL = (26, 70, 64)  # 3 mm slices, 0.8 mm in-plane
 SPACING = (3.0, 0.8, 0.8)

@@ -8,11 +8,11 @@ from scipy import ndimage
 
 from kitsnet.core.io import KitsnetError
 from kitsnet.core.resample import resample, resample_argmax
+from kitsnet.predict.averaging import ensemble_argmax
 from kitsnet.predict.probabilities import (
     FORMAT,
     CompactProbabilities,
     background_margin,
-    ensemble_argmax,
     export_logits,
     load_probabilities,
     quantise,
@@ -140,7 +140,7 @@ def test_save_load_round_trip(tmp_path):
     assert back.box == cp.box and back.shape == cp.shape
     np.testing.assert_array_equal(back.q, cp.q)
     with np.load(tmp_path / "case_00000.npz") as z:
-        assert set(z.files) == {"probabilities", "box", "shape", "format"}
+        assert set(z.files) == {"probabilities", "box", "shape", "format", "kind"}
         assert str(z["format"]) == FORMAT
 
 
