@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--configuration",
-        choices=("3d_fullres", "3d_cascade_roi"),
+        choices=("3d_fullres", "3d_cascade_roi", "3d_fullres_regions"),
         default="3d_fullres",
         help="which paper configuration takes the training step",
     )

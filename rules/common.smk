@@ -105,7 +105,7 @@ def step_env(name):
 
 
 from kitsnet.data.dataset import list_cases, check_case_id, check_layout, label_name_of
-from kitsnet.stages import DATA_OF, PREVIOUS_STAGE
+from kitsnet.stages import CONFIGURATIONS, DATA_OF, PREVIOUS_STAGE, base_configuration
 from kitsnet.core.settings import ConfigError, assemble_settings, check_settings
 from kitsnet.core.settings import choose_preset, fit_resources, missing_data_root
 from kitsnet.core.settings import resolve_data_root, setting_origin, shown_path
@@ -384,13 +384,14 @@ RESOURCE_CAPS = {
 
 def resource_value(step, key, default, name, attempt=1):
     """Resource ``key`` (gpu, mem_mb, runtime) of ``step`` for configuration (or grid) ``name``
-    from config ``resources``: ``resources.<step>.<name>.<key>``, else ``resources.<step>.<key>``,
-    else ``default``.  mem_mb and runtime (minutes) grow by ``resources.retry_factor`` per
+    from config ``resources``: ``resources.<step>.<name>.<key>`` (a region-based configuration
+    without an entry: its base's), else ``resources.<step>.<key>``, else ``default``.  mem_mb and runtime (minutes) grow by ``resources.retry_factor`` per
     attempt, up to ``max_mem_mb`` / ``max_runtime``, so a job that SLURM killed for memory or time
     gets more on its retry (and training resumes from its checkpoint).
     """
     spec = RESOURCES.get(step) or {}
-    base = (spec.get(name) or {}).get(key, spec.get(key, default))
+    own = spec.get(name) or spec.get(base_configuration(name or "")) or {}
+    base = own.get(key, spec.get(key, default))
     if key not in RESOURCE_CAPS:
         return base
     grown = math.ceil(base * RETRY_FACTOR ** (attempt - 1))

@@ -41,7 +41,7 @@ rule predict:
     benchmark:
         "results/benchmarks/predict/{config}_fold{fold}.tsv"
     wildcard_constraints:
-        config="2d|3d_fullres|3d_cascade_fullres|3d_cascade_roi",
+        config=_alternatives(c for c in CONFIGURATIONS if c != "3d_lowres"),
     conda:
         step_env("torch")
     threads: threads_for_training()

@@ -177,8 +177,11 @@ def plot_per_case(
 
     ``per_case`` is the long table of :func:`kitsnet.report.table1.collate` (``model, fold, case,
     metric, value``); NaN scores are left out, as in Table 1's means.  ``paper[model][metric]``
-    is the value to mark (NaN or absent: none); a configuration compared with another's paper
-    row (:data:`kitsnet.report.table1.PAPER_EQUIVALENT`) gets a dashed mark.  A table's mean hides
+    is the value to mark (NaN or absent: none, as for a region-based ``<configuration>_regions``,
+    which the paper did not train); a configuration compared with another's paper row
+    (:data:`kitsnet.report.table1.PAPER_EQUIVALENT`) gets a dashed mark.  Any number of
+    configurations, one box each in :func:`~kitsnet.report.table1.order_configs`'s order (the
+    figure widens with them).  A table's mean hides
     whether a configuration fails on a few cases or is a little worse on all of them; this shows
     which.  The jitter is seeded, so the PNG is the same on every run.
     """

@@ -17,6 +17,11 @@ Per cell:
 * ``paper_in_ci``: whether the paper's value lies inside that interval.
 * ``p_vs_cascade``: two-sided Wilcoxon signed-rank test against ``3d_cascade_fullres``, paired
   on case id (see :func:`wilcoxon_p`).
+* ``p_vs_labels``: for a region-based configuration (``<base>_regions``,
+  :func:`kitsnet.stages.is_region_based`), the same test against its label-based base
+  (:func:`kitsnet.stages.base_configuration`: ``3d_fullres_regions`` against ``3d_fullres``, the
+  same network, data and training on the labels instead of the regions); NaN for a label-based
+  configuration and when the base was not run.
 
 The bootstrap resamples cases with the trained models fixed: it measures how much the mean
 depends on which cases were scored, not how much it would change with retraining (``fold_sd``
@@ -32,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.stats import wilcoxon
+
+from kitsnet.stages import base_configuration, is_region_based
 
 __all__ = [
     "STATS_COLUMNS",
@@ -56,6 +63,7 @@ STATS_COLUMNS = [
     "paper",
     "paper_in_ci",
     "p_vs_cascade",
+    "p_vs_labels",
 ]
 # The paper's best configuration, against which every other is tested.
 REFERENCE_CONFIG = "3d_cascade_fullres"
@@ -182,13 +190,25 @@ def table1_stats(
     interval (NaN or absent: no paper value).  Every cell's bootstrap starts from the same
     ``settings.seed``, so a cell's interval does not depend on which other cells exist.
     ``p_vs_cascade`` is NaN for the reference configuration itself and for every row when the
-    reference was not run.
+    reference was not run.  ``p_vs_labels`` pairs a region-based configuration with its
+    label-based base; NaN for a label-based row and when the base was not run.
     """
     models = list(pd.unique(per_case["model"]))
     metrics = list(pd.unique(per_case["metric"]))
-    refs = {
-        m: cell_values(per_case, settings.reference, m).set_index("case")["value"] for m in metrics
+    # every cell's finite scores indexed by case, once (the reference and a base are read again)
+    scores = {
+        (model, metric): cell_values(per_case, model, metric).set_index("case")["value"]
+        for model in {*models, settings.reference}
+        for metric in metrics
     }
+
+    def paired_p(model: str, other: str, metric: str) -> float:
+        """Wilcoxon p of ``model`` against ``other``; NaN when ``other`` has no finite score."""
+        against = scores.get((other, metric))
+        if against is None or against.empty:
+            return math.nan
+        return wilcoxon_p(scores[model, metric], against)
+
     rows = []
     for model in models:
         for metric in metrics:
@@ -197,8 +217,16 @@ def table1_stats(
                 cell["value"].to_numpy(), settings.seed, settings.n_resamples, settings.level
             )
             value = float(paper.get(model, {}).get(metric, math.nan))
-            compare = model != settings.reference and not refs[metric].empty
-            p_value = wilcoxon_p(cell.set_index("case")["value"], refs[metric]) if compare else None
+            p_cascade = (
+                paired_p(model, settings.reference, metric)
+                if model != settings.reference
+                else math.nan
+            )
+            p_labels = (
+                paired_p(model, base_configuration(model), metric)
+                if is_region_based(model)
+                else math.nan
+            )
             rows.append(
                 {
                     "model": model,
@@ -209,7 +237,8 @@ def table1_stats(
                     "ci_high": high,
                     "paper": value,
                     "paper_in_ci": paper_in_ci(value, low, high),
-                    "p_vs_cascade": math.nan if p_value is None else p_value,
+                    "p_vs_cascade": p_cascade,
+                    "p_vs_labels": p_labels,
                 }
             )
     return pd.DataFrame(rows, columns=STATS_COLUMNS)

@@ -18,9 +18,11 @@ from typing import Any
 import pandas as pd
 
 from kitsnet.core.io import KitsnetError, atomic_path
+from kitsnet.core.regions import REGION_NAMES, REGIONS, REGIONS_CLASS_ORDER
+from kitsnet.data.dataset import LABELS
 from kitsnet.evaluate.metrics import METRIC_COLUMNS
 from kitsnet.report.stats import STATS_COLUMNS, StatsSettings
-from kitsnet.stages import CONFIGURATIONS
+from kitsnet.stages import CONFIGURATIONS, REGION_SUFFIX, base_configuration, is_region_based
 
 __all__ = [
     "CONFIG_ORDER",
@@ -92,7 +94,8 @@ def read_csv(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
 
 def config_rank(config: str, path: Path | str = "") -> tuple[int, str]:
     """Sort key of a configuration: the paper's four in the paper's order, then any other by
-    name, so every table and figure lists them the same way whatever order they arrive in."""
+    name (``3d_cascade_roi``, then a region-based ``3d_fullres_regions``), so every table and
+    figure lists them the same way whatever order they arrive in."""
     if config not in KNOWN_CONFIGS:
         raise KitsnetError(f"{path}: unknown configuration {config!r} (expected {KNOWN_CONFIGS})")
     if config in CONFIG_ORDER:
@@ -157,10 +160,20 @@ def _fmt(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.4f}"
 
 
-def _fmt_p(p: float, model: str, reference: str) -> str:
-    if model == reference:
-        return "reference"
+def _fmt_pvalue(p: float) -> str:
     return "n/a" if math.isnan(p) else "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _fmt_p(p: float, model: str, reference: str) -> str:
+    return "reference" if model == reference else _fmt_pvalue(p)
+
+
+def _fmt_p_labels(p: float, model: str, bases: set[str]) -> str:
+    """A region-based row's p against its base; ``base`` on a label-based row that a
+    region-based one is tested against (as ``reference`` marks the cascade); else n/a."""
+    if is_region_based(model):
+        return _fmt_pvalue(p)
+    return "base" if model in bases else "n/a"
 
 
 def _undefined(value: Any) -> bool:
@@ -172,9 +185,40 @@ def _fmt_in_ci(value: Any) -> str:
     return "n/a" if _undefined(value) else "yes" if value else "no"
 
 
-def _stats_notes(settings: StatsSettings, footnote: bool) -> list[str]:
-    """What each column means, so a reader can tell a real difference from sampling noise."""
+def _regions_note() -> str:
+    """What a ``<configuration>_regions`` row is, from :mod:`kitsnet.core.regions` itself."""
+    regions = ", ".join(
+        f"{name} = {' + '.join(LABELS[label] for label in labels)}"
+        for name, labels in zip(REGION_NAMES, REGIONS, strict=True)
+    )
+    paints = ", then ".join(
+        f"{LABELS[label]} where {name}"
+        for name, label in zip(REGION_NAMES, REGIONS_CLASS_ORDER, strict=True)
+    )
+    order = ", ".join(map(str, REGIONS_CLASS_ORDER))
+    return (
+        f"`<configuration>{REGION_SUFFIX}` rows: that configuration trained as nnU-Net v2 trains "
+        f"on KiTS (region-based training): one sigmoid output per KiTS21 region ({regions}), "
+        "a loss of soft Dice + binary cross-entropy over the regions, and the labels rebuilt "
+        f"by painting, in regions_class_order ({order}), every voxel whose region probability "
+        f"is above 0.5: {paints}.  The paper trained, as every other row here does, a softmax "
+        f"over the labels ({', '.join(LABELS.values())}) with soft Dice + cross-entropy.  Plan, "
+        "data, patches, sampling and augmentation are those of the base configuration; the "
+        "paper has no such row, so the comparison to read is `p vs labels`."
+    )
+
+
+def _stats_notes(settings: StatsSettings, footnote: bool, regions: bool = False) -> list[str]:
+    """What each column means, so a reader can tell a real difference from sampling noise;
+    with ``regions`` (a region-based row in the table), ``p vs labels`` and those rows too."""
     pct = f"{100 * settings.level:g}%"
+    labels_column = [
+        f"- p vs labels: the same test of a `<configuration>{REGION_SUFFIX}` row against its "
+        "label-based base `<configuration>` (`3d_fullres_regions` against `3d_fullres`: the same "
+        "network on regions vs labels), paired on case id; `base` marks a label-based row "
+        "that a region-based one is tested against, n/a a region-based row whose base was not "
+        "run."
+    ]
     notes = [
         "",
         "Columns:",
@@ -192,6 +236,7 @@ def _stats_notes(settings: StatsSettings, footnote: bool) -> list[str]:
         f"`{settings.reference}`, paired on case id (cases with a NaN on either side dropped, "
         "zero differences dropped, all equal -> 1.0).  Small p: the two configurations differ "
         "on the same cases.  Not corrected for the number of tests in this table.",
+        *(labels_column if regions else []),
         "",
         "Notes: `masses` = tumor + cyst (the paper's 'Cyst' column); `sd_*` = KiTS21 surface Dice.",
         "Paper values: Table 1 of the paper, KiTS 2021 proceedings (LNCS 13168),",
@@ -210,6 +255,8 @@ def _stats_notes(settings: StatsSettings, footnote: bool) -> list[str]:
                 for model, paper in PAPER_EQUIVALENT.items()
             ),
         ]
+    if regions:
+        notes += ["", _regions_note()]
     return [*notes, ""]
 
 
@@ -217,14 +264,17 @@ def _markdown(
     table: pd.DataFrame, per_case: pd.DataFrame, stats: pd.DataFrame, settings: StatsSettings
 ) -> str:
     """One row per (model, metric) so every number sits beside its spread, its interval, the
-    paper's value, the difference and the test against the cascade."""
+    paper's value, the difference and the test against the cascade; with a region-based row in
+    the table, also the test of each region-based row against its label-based base."""
     pct = f"{100 * settings.level:g}%"
+    regions = any(is_region_based(m) for m in table["model"])
+    bases = {base_configuration(m) for m in table["model"] if is_region_based(m)}
     lines = [
         "# Table 1: 5-fold cross-validation, mean over out-of-fold cases",
         "",
         f"| Model | Metric | Ours (± fold SD) | {pct} CI | Paper | Ours - Paper | Paper in CI "
-        "| p vs cascade | nnU-Net baseline | Cases |",
-        "|---|---|---:|---:|---:|---:|:---:|---:|---:|---:|",
+        f"| p vs cascade |{' p vs labels |' if regions else ''} nnU-Net baseline | Cases |",
+        f"|---|---|---:|---:|---:|---:|:---:|---:|{'---:|' if regions else ''}---:|---:|",
     ]
     cells = stats.set_index(["model", "metric"])
     for row in table.itertuples(index=False):
@@ -235,15 +285,17 @@ def _markdown(
             st = cells.loc[(row.model, metric)]
             paper = float(st["paper"])
             base = NNUNET_BASELINE.get(row.model, {}).get(metric, _NAN)
+            p_labels = f"{_fmt_p_labels(st['p_vs_labels'], row.model, bases)} | "
             lines.append(
                 f"| {row.model} | {metric} | {_fmt(ours)} ± {_fmt(st['fold_sd'])} | "
                 f"[{_fmt(st['ci_low'])}, {_fmt(st['ci_high'])}] | "
                 f"{_fmt(paper)}{mark if not math.isnan(paper) else ''} | {_fmt(ours - paper)} | "
                 f"{_fmt_in_ci(st['paper_in_ci'])} | "
                 f"{_fmt_p(st['p_vs_cascade'], row.model, settings.reference)} | "
-                f"{_fmt(base)} | {cases} |"
+                f"{p_labels if regions else ''}{_fmt(base)} | {cases} |"
             )
-    lines += _stats_notes(settings, footnote=any(m in PAPER_EQUIVALENT for m in table["model"]))
+    footnote = any(m in PAPER_EQUIVALENT for m in table["model"])
+    lines += _stats_notes(settings, footnote=footnote, regions=regions)
     return "\n".join(lines)
 
 
@@ -253,7 +305,8 @@ def _stats_csv(stats: pd.DataFrame) -> pd.DataFrame:
     out = stats[STATS_COLUMNS].copy()
     for col in ("mean", "fold_sd", "ci_low", "ci_high", "paper"):
         out[col] = out[col].map(lambda v: "" if math.isnan(v) else f"{v:.6f}")
-    out["p_vs_cascade"] = out["p_vs_cascade"].map(lambda v: "" if math.isnan(v) else f"{v:.6g}")
+    for col in ("p_vs_cascade", "p_vs_labels"):
+        out[col] = out[col].map(lambda v: "" if math.isnan(v) else f"{v:.6g}")
     out["paper_in_ci"] = out["paper_in_ci"].map(lambda v: "" if _undefined(v) else str(bool(v)))
     return out
 

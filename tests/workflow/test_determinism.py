@@ -44,5 +44,5 @@ def test_the_demo_run_twice_from_scratch_gives_identical_tables(micro_demo, tmp_
     for name in COMPARED:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     logs = _training_logs(first)
-    assert len(logs) == 25  # 5 configurations x 5 folds
+    assert len(logs) == 30  # 6 configurations x 5 folds
     assert logs == _training_logs(second)

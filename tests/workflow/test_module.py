@@ -168,6 +168,7 @@ def test_module_deployment_from_an_export_of_a_tag_plans_the_whole_grid(tmp_path
     proc = snakemake(dest, "-n", "--", "results/table1.csv")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
+    # the deployment's own config (the micro settings) names the configurations
     assert int(counts["train"]) == 5 * len(
-        yaml.safe_load((export / "config/config.yaml").read_text())["configurations"]
+        yaml.safe_load((dest / "config/config.yaml").read_text())["configurations"]
     )

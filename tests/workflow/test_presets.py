@@ -80,7 +80,7 @@ def test_profile_with_a_configfile_of_only_data_root_plans_the_papers_settings(t
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
-    assert counts["train"] == "25" and "synth" not in counts
+    assert counts["train"] == "30" and "synth" not in counts
     train = [b for b in proc.stdout.split("\nrule ") if b.startswith("train:")]
     # the paper's resources (config/kits21.yaml), one GPU each
     for cfg, mem, runtime in (("3d_fullres", 64000, 4320), ("2d", 32000, 1440)):
@@ -98,21 +98,22 @@ def test_a_300_case_paper_run_submits_at_most_100_sbatch_jobs(tmp_path):
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
-    assert counts["preprocess"] == "900" and counts["train"] == "25"
-    assert counts["crop_roi"] == "300" and counts["evaluate"] == "25"
+    assert counts["preprocess"] == "900" and counts["train"] == "30"
+    assert counts["crop_roi"] == "300" and counts["evaluate"] == "30"
     groups = re.findall(r"Group job (\w+)", out)
     single = re.findall(r"^rule (\w+):", out, flags=re.M)  # not indented: not in a group
-    assert counts["ensemble"] == "10" and counts["postprocess"] == "15"
+    assert counts["ensemble"] == "15" and counts["postprocess"] == "21"
     assert Counter(groups) == {
-        "preprocessing": 30,
+        "preprocessing": 20,
         "roi_crops": 3,
         "evaluation": 5,
-        "selection": 5,
+        "selection": 6,
     }
     assert not {"preprocess", "crop_roi", "evaluate", "ensemble", "postprocess"} & set(single)
     local = {"plan", "splits", "table1", "training_curves", "compute_cost", "model_selection"}
     submissions = len(groups) + len([r for r in single if r not in local])
     assert submissions <= 100, (len(groups), sorted(set(single)))
-    assert submissions == 95  # README: 95 sbatch jobs for results/table1.csv
-    assert single.count("train") == 25  # each training its own job, with its GPU
-    assert single.count("predict") + single.count("predict_lowres") == 25
+    assert submissions == 96  # README: 96 sbatch jobs for results/table1.csv
+    # the paper's 6 configurations: each training its own job, with its GPU
+    assert single.count("train") == 30
+    assert single.count("predict") + single.count("predict_lowres") == 30

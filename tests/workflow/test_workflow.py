@@ -14,7 +14,15 @@ from conftest import run_workflow
 from kitsnet.data.synth import kits_affine
 from kitsnet.evaluate.metrics import METRIC_COLUMNS
 
-CONFIGS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_cascade_roi"]
+# the paper's (config/kits21.yaml) and the micro demo's configurations
+CONFIGS = [
+    "2d",
+    "3d_fullres",
+    "3d_lowres",
+    "3d_cascade_fullres",
+    "3d_cascade_roi",
+    "3d_fullres_regions",
+]
 
 
 def snakemake(repo: Path, workdir: Path, *args: str, check: bool = True):
@@ -40,7 +48,7 @@ def kits_layout(tmp_path_factory) -> Path:
     return root
 
 
-def test_paper_dag_plans_25_gpu_training_jobs(repo, tmp_path, kits_layout):
+def test_paper_dag_plans_30_gpu_training_jobs(repo, tmp_path, kits_layout):
     proc = snakemake(
         repo,
         tmp_path,
@@ -54,14 +62,14 @@ def test_paper_dag_plans_25_gpu_training_jobs(repo, tmp_path, kits_layout):
     )
     out = proc.stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
-    assert counts["train"] == "25"
-    assert int(counts["predict"]) + int(counts["predict_lowres"]) == 25
-    assert counts["evaluate"] == "25" and counts["preprocess"] == "30"  # 10 cases x 3 grids
+    assert counts["train"] == "30"  # 6 configurations x 5 folds
+    assert int(counts["predict"]) + int(counts["predict_lowres"]) == 30
+    assert counts["evaluate"] == "30" and counts["preprocess"] == "30"  # 10 cases x 3 grids
     assert counts["crop_roi"] == "10"  # 3d_cascade_roi: each case cropped once
     assert "synth" not in counts
     blocks = out.split("\nrule ")
     train_blocks = [b for b in blocks if b.startswith("train:")]
-    assert len(train_blocks) == 25
+    assert len(train_blocks) == 30
     for cfg in CONFIGS:
         for fold in range(5):
             assert any(
@@ -95,7 +103,7 @@ def test_micro_demo_with_directory_on_scratch_writes_nothing_into_the_checkout(m
 
 @pytest.mark.workflow
 def test_micro_demo_runs_end_to_end(repo, micro_demo):
-    """Synthetic data -> validate -> plan -> preprocess -> 25 trainings -> predictions ->
+    """Synthetic data -> validate -> plan -> preprocess -> 30 trainings -> predictions ->
     scores -> Table 1 and figures, with micro settings (a few tiny cases and iterations).
     The run itself is the session fixture ``micro_demo`` (conftest.py), shared with
     test_determinism.py."""
@@ -108,7 +116,7 @@ def test_micro_demo_runs_end_to_end(repo, micro_demo):
         for key in METRIC_COLUMNS:
             assert 0.0 <= float(r[key]) <= 1.0
     per_case = list(csv.DictReader(open(res / "scores_per_case.csv")))
-    assert len(per_case) == 5 * 6 * 6  # configurations x cases x metrics
+    assert len(per_case) == len(CONFIGS) * 6 * 6  # configurations x cases x metrics
     for fig in ("fig1_reference.png", "fig2_predictions.png", "training_curves.png"):
         assert (res / "figures" / fig).stat().st_size > 1000
     for cfg in CONFIGS:
@@ -134,6 +142,7 @@ def test_micro_demo_runs_end_to_end(repo, micro_demo):
         )
         assert all(c <= f for c, f in zip(crop.shape, manifest["shape"], strict=True))
     _model_selection_covers_every_configuration_and_pair(res)
+    _region_based_row_is_tested_against_its_label_based_base(res)
     # a second invocation finds nothing to do
     again = snakemake(repo, tmp_path, "-n", "--configfile", str(repo / "tests/data/micro.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -167,6 +176,30 @@ def _model_selection_covers_every_configuration_and_pair(res):
     npz = next((res / "probabilities/3d_cascade_fullres").glob("fold_*/case_*.npz"))
     probs = load_probabilities(npz).dense()
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+
+
+def _region_based_row_is_tested_against_its_label_based_base(res):
+    """3d_fullres_regions: a sigmoid network over 3 regions, region probabilities on disk, a
+    p-value against 3d_fullres for every metric in table1_stats.csv, and the mixed ensemble
+    scored in model_selection.csv."""
+    from kitsnet.model.checkpoint import load_checkpoint
+    from kitsnet.predict.probabilities import load_probabilities
+
+    plan = json.loads((res / "plans/3d_fullres_regions.json").read_text())
+    assert plan["regions"] == [[1, 2, 3], [2, 3], [2]] and plan["regions_class_order"] == [1, 3, 2]
+    state = load_checkpoint(res / "models/3d_fullres_regions/fold_0/model_final.pt")
+    heads = [v for k, v in state["state_dict"].items() if "seg_layers" in k and "weight" in k]
+    assert heads and all(h.shape[0] == 3 for h in heads)  # one output per region
+    npz = next((res / "probabilities/3d_fullres_regions").glob("fold_*/case_*.npz"))
+    probs = load_probabilities(npz)
+    assert probs.kind == "regions" and probs.n_classes == 3
+    stats = list(csv.DictReader(open(res / "table1_stats.csv")))
+    region_rows = [r for r in stats if r["model"] == "3d_fullres_regions"]
+    assert len(region_rows) == len(METRIC_COLUMNS)
+    assert all(0 <= float(r["p_vs_labels"]) <= 1 for r in region_rows)
+    assert all(r["p_vs_labels"] == "" for r in stats if r["model"] == "3d_fullres")
+    models = {r["model"] for r in csv.DictReader(open(res / "model_selection.csv"))}
+    assert "3d_fullres+3d_fullres_regions" in models
 
 
 @pytest.mark.workflow

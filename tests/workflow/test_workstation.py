@@ -41,7 +41,7 @@ def test_the_profile_caps_gpu_jobs_at_one_and_sets_the_papers_preset():
 
 
 def test_a_paper_run_on_a_workstation_plans_one_gpu_per_job_within_the_machine(tmp_path):
-    """The README's command with a my.yaml of only data_root: the paper's 25 trainings, each
+    """The README's command with a my.yaml of only data_root: the paper's 30 trainings, each
     asking for the one GPU (so Snakemake runs them one after another), and no job asking for
     more host memory than the machine has (the paper's requests are sized for SLURM nodes)."""
     root = kits_tree(tmp_path / "data", 6)
@@ -51,7 +51,7 @@ def test_a_paper_run_on_a_workstation_plans_one_gpu_per_job_within_the_machine(t
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     jobs = _jobs(proc.stdout)
     gpu_jobs = [(rule, res) for rule, res in jobs if int(res.get("gpu", 0))]
-    assert sum(rule == "train" for rule, _ in gpu_jobs) == 25
+    assert sum(rule == "train" for rule, _ in gpu_jobs) == 30
     assert {rule for rule, _ in gpu_jobs} == {"train", "predict", "predict_lowres"}
     assert all(res["gpu"] == "1" for _, res in gpu_jobs)
     ram_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20

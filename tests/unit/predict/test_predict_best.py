@@ -39,12 +39,44 @@ def test_predict_from_the_demo_folder_uses_the_best_model_on_a_new_scan(
     assert pred.shape == ref.shape
     np.testing.assert_allclose(pred.affine, ref.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
-    probs = load_probabilities(out / f"{case}.npz").dense()
-    assert probs.shape == (4, *ref.shape)
-    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    found = load_probabilities(out / f"{case}.npz")
+    probs = found.dense()
+    if found.kind == "regions":  # a region-based model, or an ensemble with one
+        assert probs.shape == (3, *ref.shape) and probs.min() >= 0 and probs.max() <= 1
+    else:
+        assert probs.shape == (4, *ref.shape)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["3d_cascade_fullres", "2d+3d_cascade_roi"])
+def test_predict_with_a_mixed_ensemble_segments_every_scan_and_saves_region_probabilities(
+    micro_demo, tmp_path, one_torch_thread
+):
+    """An ensemble of a softmax and a region-based configuration on a folder of two scans: both
+    get labels and region probabilities (the mean of the members' region probabilities)."""
+    from kitsnet.data.synth import make_dataset
+    from kitsnet.predict.probabilities import load_probabilities
+
+    cases = make_dataset(tmp_path / "new", 2, seed=98)
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "new"), "--out", str(out), "--folds", "0"]
+    args += ["--model", "3d_fullres+3d_fullres_regions", "--save-probabilities"]
+    assert main(["predict", *args, "--results", str(micro_demo / "results")]) == 0
+    for case in cases:
+        ref = nib.load(tmp_path / "new" / case / "imaging.nii.gz")
+        assert nib.load(out / f"{case}.nii.gz").shape == ref.shape
+        probs = load_probabilities(out / f"{case}.npz")
+        assert probs.kind == "regions" and probs.n_classes == 3
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "3d_cascade_fullres",
+        "2d+3d_cascade_roi",
+        "3d_fullres_regions",
+        "3d_fullres+3d_fullres_regions",
+    ],
+)
 def test_predict_equals_the_workflows_prediction_byte_for_byte(
     micro_demo, tmp_path, model, one_torch_thread
 ):
