@@ -1,7 +1,7 @@
 rule table1:
     """Table 1: mean over all out-of-fold cases per configuration, beside the paper's values,
-    with its statistics (fold SD, bootstrap interval, Wilcoxon test against the cascade and,
-    for a region-based row, against its label-based base) and Figure 3 (per-case Dice)."""
+    with its statistics (fold SD, bootstrap interval, Wilcoxon tests against the cascade and,
+    for a region-based row, against its base) and Figure 3 (per-case Dice)."""
     input:
         scores=expand(
             "results/scores/{config}/fold_{fold}.csv", config=CONFIGS, fold=FOLDS
