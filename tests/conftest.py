@@ -171,3 +171,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def smooth_noise(shape, rng, every: int = 6):
+    """float32 noise of unit spread that varies smoothly over ``every`` voxels: what the
+    logits of a trained network look like away from its decisions (the fixtures of the
+    probability, export and ensemble tests)."""
+    import numpy as np
+    from scipy import ndimage
+
+    small = ndimage.gaussian_filter(rng.standard_normal([max(2, s // every) for s in shape]), 1.0)
+    small /= small.std()
+    zoom = [s / m for s, m in zip(shape, small.shape, strict=True)]
+    return ndimage.zoom(small, zoom, order=1).astype(np.float32)

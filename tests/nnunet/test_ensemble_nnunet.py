@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 pytest.importorskip("nnunetv2", reason="nnU-Net v2 is only installed with the 'peer' extra")
+from conftest import smooth_noise  # noqa: E402
 from nnunetv2.ensembling.ensemble import average_probabilities  # noqa: E402
 from nnunetv2.inference.export_prediction import export_prediction_from_logits  # noqa: E402
 
@@ -42,10 +42,7 @@ ORIGINALS = {
 
 
 def _field(shape, rng) -> np.ndarray:
-    small = ndimage.gaussian_filter(rng.standard_normal([max(2, s // 6) for s in shape]), 1.0)
-    small /= small.std()
-    zoom = [s / m for s, m in zip(shape, small.shape, strict=True)]
-    return ndimage.zoom(small, zoom, order=1).astype(np.float32)
+    return smooth_noise(shape, rng, every=6)
 
 
 def member_logits(shape, seed: int) -> np.ndarray:

@@ -26,12 +26,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
 pytest.importorskip("nnunetv2", reason="nnU-Net v2 is only installed with the 'peer' extra")
 from batchgeneratorsv2.transforms.utils.seg_to_regions import (  # noqa: E402
     ConvertSegmentationToRegionsTransform,
 )
+from conftest import smooth_noise  # noqa: E402
 from nnunetv2.ensembling.ensemble import average_probabilities  # noqa: E402
 from nnunetv2.inference.export_prediction import (  # noqa: E402
     convert_predicted_logits_to_segmentation_with_correct_shape,
@@ -212,10 +212,7 @@ GRIDS = {
 
 
 def _field(shape, rng) -> np.ndarray:
-    small = ndimage.gaussian_filter(rng.standard_normal([max(2, s // 5) for s in shape]), 1.0)
-    small /= small.std()
-    zoom = [s / m for s, m in zip(shape, small.shape, strict=True)]
-    return ndimage.zoom(small, zoom, order=1).astype(np.float32)
+    return smooth_noise(shape, rng, every=5)
 
 
 def region_logits(shape, seed: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
+from conftest import smooth_noise
 
 from kitsnet.core.io import KitsnetError, save_volume
 from kitsnet.core.resample import resample
@@ -20,10 +20,7 @@ MEMBERS = {"a": ((0.78,) * 3, (100, 72, 66)), "b": ((1.6,) * 3, (49, 35, 32))}
 
 
 def _field(shape, rng) -> np.ndarray:
-    small = ndimage.gaussian_filter(rng.standard_normal([max(2, s // 6) for s in shape]), 1.0)
-    small /= small.std()
-    zoom = [s / m for s, m in zip(shape, small.shape, strict=True)]
-    return ndimage.zoom(small, zoom, order=1).astype(np.float32)
+    return smooth_noise(shape, rng, every=6)
 
 
 def member_logits(shape, seed: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from conftest import smooth_noise
 
 from kitsnet.core.io import KitsnetError
 from kitsnet.core.regions import REGIONS_CLASS_ORDER, regions_to_labels
@@ -34,10 +34,7 @@ GRIDS = {
 
 
 def _field(shape, rng) -> np.ndarray:
-    small = ndimage.gaussian_filter(rng.standard_normal([max(2, s // 5) for s in shape]), 1.0)
-    small /= small.std()
-    zoom = [s / m for s, m in zip(shape, small.shape, strict=True)]
-    return ndimage.zoom(small, zoom, order=1).astype(np.float32)
+    return smooth_noise(shape, rng, every=5)
 
 
 def region_logits(shape, seed: int = 0) -> np.ndarray:
